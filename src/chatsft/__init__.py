@@ -1,0 +1,16 @@
+"""chatsft: supervised fine-tuning of chat language models, a fast drop-in `SFTTrainer`."""
+
+from .config import SFTConfig
+from .data.collate import PaddedCollator, PaddingFreeCollator
+from .errors import ChatSFTError
+from .trainer import SFTTrainer
+
+__all__ = [
+    "ChatSFTError",
+    "PaddedCollator",
+    "PaddingFreeCollator",
+    "SFTConfig",
+    "SFTTrainer",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,145 @@
+"""SFTConfig: transformers.TrainingArguments plus every SFT field, with TRL's names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+OVERLONG_POLICIES = ("truncate", "drop", "error")
+TRUNCATION_MODES = ("keep_start", "keep_end")
+
+
+@dataclass
+class SFTConfig(TrainingArguments):
+    """Training arguments for supervised fine-tuning.
+
+    Field names follow TRL's `SFTConfig`, so a TRL script keeps working after changing its import.
+    """
+
+    # --- model -----------------------------------------------------------------------------------
+    model_init_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is a "
+            "hub id or path (e.g. {'dtype': 'bfloat16', 'attn_implementation': 'sdpa'})."
+        },
+    )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A .jinja file or a tokenizer folder whose chat template replaces the tokenizer's."
+        },
+    )
+    eos_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "Token appended to text and completions, and ending assistant turns. Default: the "
+            "tokenizer's eos_token."
+        },
+    )
+    pad_token: str | None = field(
+        default=None,
+        metadata={"help": "Padding token. Default: the tokenizer's pad_token, else its eos_token."},
+    )
+
+    # --- data ------------------------------------------------------------------------------------
+    dataset_text_field: str = field(
+        default="text", metadata={"help": "Column holding plain text for the `text` format."}
+    )
+    dataset_format: str | None = field(
+        default=None,
+        metadata={
+            "help": "Force the row format: text | messages | prompt_completion. Default: detect it "
+            "from the columns."
+        },
+    )
+    dataset_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Extra options for dataset preparation (TRL compatibility; unused keys warn)."},
+    )
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes for tokenizing the dataset (default: one)."}
+    )
+    max_length: int | None = field(
+        default=1024,
+        metadata={"help": "Longest tokenized example (or packed row). None: no limit."},
+    )
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={"help": "Which end survives truncation: keep_start | keep_end."},
+    )
+    overlong_policy: str = field(
+        default="truncate",
+        metadata={
+            "help": "What to do with examples longer than max_length: truncate | drop | error. "
+            "Every dropped or cut example is counted in the preparation summary."
+        },
+    )
+    completion_only_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt/completion rows: train on the completion only. None means yes for "
+            "prompt/completion rows."
+        },
+    )
+    assistant_only_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Conversations: train only on assistant turns (their end-of-turn token included). "
+            "Works with any prefix-preserving chat template, no {% generation %} markers needed."
+        },
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack several examples into each row of up to max_length tokens (best-fit "
+            "decreasing). Documents never attend to each other and positions restart per document."
+        },
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Concatenate each batch into one row without padding; documents stay isolated. "
+            "Implied by packing."
+        },
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad padded batches to a multiple of this length."}
+    )
+
+    # --- training --------------------------------------------------------------------------------
+    learning_rate: float = field(
+        default=2e-5, metadata={"help": "Peak learning rate for AdamW (TRL's SFT default)."}
+    )
+    logging_steps: float = field(
+        default=10, metadata={"help": "Log every N optimizer steps (or a fraction of the run)."}
+    )
+    report_to: None | str | list[str] = field(
+        default="none",
+        metadata={"help": "Where to report metrics (e.g. 'wandb', 'tensorboard'); 'none' by default."},
+    )
+    # chatsft's collators emit input_ids/labels/position_ids; raw dataset columns are dropped by us.
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: chatsft prepares the columns itself."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(
+                f"max_length must be a positive integer or None, got {self.max_length}"
+            )
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(
+                f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}"
+            )
+        if self.overlong_policy not in OVERLONG_POLICIES:
+            raise ValueError(
+                f"overlong_policy must be one of {OVERLONG_POLICIES}, got {self.overlong_policy!r}"
+            )
+        if self.packing and self.max_length is None:
+            raise ValueError("packing needs max_length: set max_length to the packed row length")
+        if self.learning_rate < 0:
+            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        super().__post_init__()

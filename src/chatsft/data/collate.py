@@ -1,0 +1,78 @@
+"""Batches for the model. Labels are built here and only here.
+
+labels: [batch, seq] int64, equal to input_ids where the token is trained and IGNORE_INDEX elsewhere,
+*unshifted* (Hugging Face convention: the loss compares position t's prediction with labels[t + 1]).
+The first token of every document is IGNORE_INDEX: nothing in the document predicts it, and in a
+padding-free row it would otherwise be "predicted" by the previous document's last token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _doc_lengths(example: dict[str, Any]) -> list[int]:
+    return list(example.get("seq_lengths") or [len(example["input_ids"])])
+
+
+def _labels(ids: list[int], mask: list[bool], lengths: list[int]) -> list[int]:
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    start = 0
+    for n in lengths:
+        labels[start] = IGNORE_INDEX
+        start += n
+    return labels
+
+
+@dataclass
+class PaddedCollator:
+    """Right-padded rows, one document each (packed rows are not allowed here: use padding-free)."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if any(len(_doc_lengths(e)) > 1 for e in examples):
+            raise ValueError("packed rows need PaddingFreeCollator: padding would mix documents")
+        width = max(len(e["input_ids"]) for e in examples)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            input_ids[i, :n] = torch.tensor(e["input_ids"])
+            labels[i, :n] = torch.tensor(_labels(e["input_ids"], e["trained_mask"], [n]))
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class PaddingFreeCollator:
+    """All documents of the batch in one row [1, total]: no pad token is ever computed.
+
+    position_ids restart at 0 for every document; attention uses them (or `cu_seq_lens`) to keep
+    documents apart.
+    """
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for e in examples:
+            lengths = _doc_lengths(e)
+            ids += e["input_ids"]
+            labels += _labels(e["input_ids"], e["trained_mask"], lengths)
+            for n in lengths:
+                positions += range(n)
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+        }

@@ -1,0 +1,46 @@
+"""Raw dataset → rows the collator takes: tokenize (counted), then optionally pack."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import datasets
+
+from .packing import pack_dataset
+from .tokenize import PrepOptions, PrepStats, prepare_dataset
+
+
+def is_prepared(dataset: Any) -> bool:
+    cols = getattr(dataset, "column_names", None) or []
+    return "input_ids" in cols and "trained_mask" in cols
+
+
+def prepare_for_training(
+    dataset: datasets.Dataset,
+    tokenizer: Any,
+    opts: PrepOptions,
+    *,
+    packing: bool = False,
+    formatting_func: Callable | None = None,
+    num_proc: int | None = None,
+    source: str | None = None,
+    name: str = "train",
+) -> tuple[datasets.Dataset, PrepStats | None]:
+    """Returns the dataset ready for a chatsft collator and what preparation did (None if the
+    dataset was already prepared)."""
+    stats = None
+    if not is_prepared(dataset):
+        dataset, stats = prepare_dataset(
+            dataset,
+            tokenizer,
+            opts,
+            formatting_func=formatting_func,
+            num_proc=num_proc,
+            source=source,
+            name=name,
+        )
+    if packing:
+        assert opts.max_length is not None
+        dataset = pack_dataset(dataset, opts.max_length)
+    return dataset, stats

@@ -1,0 +1,114 @@
+"""The one renderer: an Example becomes text segments, each marked trained or not.
+
+Chat templates are treated as black boxes. To find what an assistant turn contributes we render the
+conversation up to the turn with the generation prompt, and up to and including the turn; the text in
+between is the turn. This works for any prefix-preserving template, with or without
+`{% generation %}` markers, and it is exactly the text the model must produce at inference time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ChatSFTError
+from .formats import Conversation, Example, PromptCompletion, Text
+
+Segment = tuple[str, bool]  # (text, trained)
+
+
+def _render(tokenizer: Any, messages: list[dict], tools: Any, add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as err:  # jinja errors, raise_exception() calls in templates
+        raise ChatSFTError(
+            f"the chat template failed to render: {err}",
+            field="chat_template",
+            hint="fix the template or pass chat_template_path",
+        ) from err
+
+
+def _split_turn(text: str, end_of_turn: str | None) -> list[Segment]:
+    """Train the turn through its end-of-turn token; whitespace the template adds after it is not
+    something the model has to produce (generation stops at the token)."""
+    if end_of_turn:
+        cut = text.rfind(end_of_turn)
+        if cut >= 0:
+            cut += len(end_of_turn)
+            if cut < len(text) and not text[cut:].strip():
+                return [(text[:cut], True), (text[cut:], False)]
+    return [(text, True)]
+
+
+def _turn_segments(
+    tokenizer: Any,
+    prefix: list[dict],
+    turn: list[dict],
+    full: str,
+    pos: int,
+    tools: Any,
+    end_of_turn: str | None,
+    turn_index: int,
+) -> tuple[list[Segment], int]:
+    before = _render(tokenizer, prefix, tools, True) if prefix else ""
+    upto = _render(tokenizer, prefix + turn, tools, False)
+    if not (upto.startswith(before) and full.startswith(upto) and len(before) >= pos):
+        raise ChatSFTError(
+            f"the chat template is not prefix-preserving at message {turn_index}: rendering the "
+            "conversation up to that turn does not give a prefix of the whole conversation, so the "
+            "assistant tokens cannot be located",
+            field="chat_template",
+            hint="pass chat_template_path with a template that renders earlier turns unchanged",
+        )
+    segs = [(full[pos : len(before)], False)] if len(before) > pos else []
+    segs += _split_turn(full[len(before) : len(upto)], end_of_turn)
+    return segs, len(upto)
+
+
+def render_segments(
+    example: Example,
+    tokenizer: Any,
+    *,
+    eos_token: str,
+    assistant_only_loss: bool = False,
+    completion_only_loss: bool | None = None,
+) -> list[Segment]:
+    """Render an example as (text, trained) segments whose concatenation is the full training text."""
+    if isinstance(example, Text):
+        text = example.text
+        return [(text, True)] if text.endswith(eos_token) else [(text, True), (eos_token, True)]
+
+    if isinstance(example, PromptCompletion) and isinstance(example.prompt, str):
+        train_prompt = completion_only_loss is False
+        comp = example.completion
+        segs = [(example.prompt, train_prompt), (comp, True)]
+        return segs if comp.endswith(eos_token) else [*segs, (eos_token, True)]
+
+    if isinstance(example, PromptCompletion):
+        prompt, completion = example.prompt, example.completion
+        full = _render(tokenizer, prompt + completion, None, False)
+        if completion_only_loss is False:
+            return [(full, True)]
+        segs, pos = _turn_segments(
+            tokenizer, prompt, completion, full, 0, None, eos_token, len(prompt)
+        )
+        return segs + ([(full[pos:], False)] if pos < len(full) else [])
+
+    assert isinstance(example, Conversation)
+    msgs, tools = example.messages, example.tools
+    full = _render(tokenizer, msgs, tools, False)
+    if not assistant_only_loss:
+        return [(full, True)]
+    segs: list[Segment] = []
+    pos = 0
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        turn_segs, pos = _turn_segments(
+            tokenizer, msgs[:i], [m], full, pos, tools, eos_token, i
+        )
+        segs += turn_segs
+    if pos < len(full):
+        segs.append((full[pos:], False))
+    return segs

@@ -1,0 +1,203 @@
+"""Tokenize examples into (input_ids, trained_mask), apply the max_length policy, count everything.
+
+Runs as one batched `datasets.map`, so it uses `dataset_num_proc` processes and datasets' on-disk
+cache: a second run over the same files with the same settings reuses the result.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+
+from ..errors import ChatSFTError
+from .formats import Text, apply_formatting_func, detect_format, normalize
+from .templates import render_segments
+
+DROP_TOO_LONG = "longer than max_length"
+DROP_NO_TRAINED = "no trained token left"
+
+
+@dataclass
+class PrepStats:
+    """What preparation did; printed as one line so nothing is dropped silently."""
+
+    rows_read: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    total_tokens: int = 0
+    trained_tokens: int = 0
+
+    def summary(self, name: str = "train") -> str:
+        dropped = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "0"
+        return (
+            f"[chatsft] {name} data: {self.rows_read} rows read, {self.kept} kept, dropped: "
+            f"{dropped}; {self.truncated} truncated; {self.total_tokens} tokens, "
+            f"{self.trained_tokens} trained"
+        )
+
+
+@dataclass(frozen=True)
+class PrepOptions:
+    """Everything that decides the tokenized output (and so datasets' cache fingerprint)."""
+
+    eos_token: str
+    dataset_text_field: str = "text"
+    dataset_format: str | None = None
+    assistant_only_loss: bool = False
+    completion_only_loss: bool | None = None
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    overlong_policy: str = "truncate"
+
+
+def special_prefix_ids(tokenizer: Any) -> list[int]:
+    """Ids the tokenizer adds in front of plain text (a BOS token, for Llama-style tokenizers)."""
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    without = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return list(with_special[: len(with_special) - len(without)]) if without else []
+
+
+def fit_length(
+    ids: list[int], mask: list[bool], max_length: int | None, policy: str, mode: str
+) -> tuple[list[int], list[bool], str]:
+    """Apply the over-long policy. Returns ids, mask and one of '', 'truncated' or a drop reason."""
+    if max_length is None or len(ids) <= max_length:
+        return ids, mask, ""
+    if policy == "drop":
+        return ids, mask, DROP_TOO_LONG
+    if policy == "error":
+        raise ChatSFTError(
+            f"example has {len(ids)} tokens, more than max_length={max_length}",
+            field="max_length",
+            hint="raise max_length, or set overlong_policy to truncate or drop",
+        )
+    if mode == "keep_end":
+        return ids[-max_length:], mask[-max_length:], "truncated"
+    return ids[:max_length], mask[:max_length], "truncated"
+
+
+def _tokenize_batch(
+    batch: dict[str, list],
+    indices: list[int],
+    *,
+    tokenizer: Any,
+    opts: PrepOptions,
+    fmt: str,
+    prefix_ids: list[int],
+    formatting_func: Callable | None,
+    source: str | None,
+) -> dict[str, list]:
+    names = list(batch)
+    n = len(indices)
+    text_field = "text" if formatting_func is not None else opts.dataset_text_field
+    all_segments, owners, is_plain = [], [], []
+    for j in range(n):
+        row = {k: batch[k][j] for k in names}
+        if formatting_func is not None:
+            row = apply_formatting_func(row, formatting_func, indices[j] + 1)
+        example = normalize(
+            row, fmt, row_index=indices[j] + 1, source=source, dataset_text_field=text_field
+        )
+        segs = render_segments(
+            example,
+            tokenizer,
+            eos_token=opts.eos_token,
+            assistant_only_loss=opts.assistant_only_loss,
+            completion_only_loss=opts.completion_only_loss,
+        )
+        is_plain.append(isinstance(example, Text) or isinstance(getattr(example, "prompt", None), str))
+        all_segments += segs
+        owners += [j] * len(segs)
+    # One tokenizer call for every segment of the batch: the Rust tokenizer parallelises it.
+    seg_ids = tokenizer([t for t, _ in all_segments], add_special_tokens=False)["input_ids"]
+    ids_out: list[list[int]] = [list(prefix_ids) if is_plain[j] else [] for j in range(n)]
+    mask_out: list[list[bool]] = [[False] * len(x) for x in ids_out]
+    for (_, trained), owner, ids in zip(all_segments, owners, seg_ids):
+        ids_out[owner] += ids
+        mask_out[owner] += [trained] * len(ids)
+    status = []
+    for j in range(n):
+        ids, mask, why = fit_length(
+            ids_out[j], mask_out[j], opts.max_length, opts.overlong_policy, opts.truncation_mode
+        )
+        # Position 0 is never predicted (nothing comes before it), so it cannot count as trained.
+        if why != DROP_TOO_LONG and not any(mask[1:]):
+            why = DROP_NO_TRAINED
+        ids_out[j], mask_out[j] = ids, mask
+        status.append(why)
+    return {"input_ids": ids_out, "trained_mask": mask_out, "_status": status}
+
+
+def prepare_dataset(
+    dataset: datasets.Dataset,
+    tokenizer: Any,
+    opts: PrepOptions,
+    *,
+    formatting_func: Callable | None = None,
+    num_proc: int | None = None,
+    source: str | None = None,
+    name: str = "train",
+) -> tuple[datasets.Dataset, PrepStats]:
+    """Tokenize a raw dataset. Returns the kept rows (input_ids, trained_mask) and the counts."""
+    if "input_ids" in dataset.column_names and formatting_func is None:
+        raise ChatSFTError(
+            "pre-tokenized datasets (an 'input_ids' column) are not supported yet",
+            source=source,
+            field="input_ids",
+            hint="pass the raw text, messages or prompt/completion columns instead",
+        )
+    if len(dataset) == 0:
+        raise ChatSFTError(f"the {name} dataset is empty", source=source)
+    fmt = "text" if formatting_func is not None else None
+    if fmt is None:
+        fmt = detect_format(dataset.column_names, opts.dataset_text_field, opts.dataset_format)
+    if formatting_func is not None:
+        # The function decides text vs messages per row; normalise() is told by the returned keys.
+        fmt = _formatting_func_format(dataset, formatting_func)
+    tokenized = dataset.map(
+        _tokenize_batch,
+        batched=True,
+        with_indices=True,
+        batch_size=500,
+        num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) >= 2000 else None,
+        remove_columns=dataset.column_names,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "opts": opts,
+            "fmt": fmt,
+            "prefix_ids": special_prefix_ids(tokenizer),
+            "formatting_func": formatting_func,
+            "source": source,
+        },
+        desc=f"Tokenizing {name} data",
+    )
+    status = tokenized["_status"]
+    counts = Counter(status)
+    stats = PrepStats(rows_read=len(dataset), truncated=counts.pop("truncated", 0))
+    counts.pop("", None)
+    stats.dropped = dict(counts)
+    keep = [i for i, s in enumerate(status) if s in ("", "truncated")]
+    stats.kept = len(keep)
+    if not keep:
+        raise ChatSFTError(
+            f"every row of the {name} data was dropped ({stats.summary(name)})",
+            source=source,
+            hint="check max_length, overlong_policy and the loss-mask options",
+        )
+    if len(keep) < len(tokenized):
+        tokenized = tokenized.select(keep)
+    tokenized = tokenized.remove_columns("_status")
+    lengths = [len(x) for x in tokenized["input_ids"]]
+    stats.total_tokens = sum(lengths)
+    stats.trained_tokens = sum(sum(m[1:]) for m in tokenized["trained_mask"])
+    return tokenized, stats
+
+
+def _formatting_func_format(dataset: datasets.Dataset, formatting_func: Callable) -> str:
+    first = apply_formatting_func(dataset[0], formatting_func, 1)
+    return "text" if "text" in first else "messages"

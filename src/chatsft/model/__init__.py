@@ -1,0 +1,1 @@
+"""Model loading, attention for packed rows, and the supervised loss."""

@@ -1,0 +1,121 @@
+"""Resolve the `model` and `processing_class` arguments the way TRL users expect."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ..errors import ChatSFTError
+
+
+def load_model(model: str | torch.nn.Module, init_kwargs: dict[str, Any] | None = None) -> torch.nn.Module:
+    """A hub id or local folder → AutoModelForCausalLM; a module is used as it is."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    if not isinstance(model, str):
+        raise ChatSFTError(
+            f"model must be a hub id, a folder or a torch.nn.Module, got {type(model).__name__}",
+            field="model",
+        )
+    kwargs = dict(init_kwargs or {})
+    dtype = kwargs.get("dtype", kwargs.pop("torch_dtype", None))
+    if isinstance(dtype, str) and dtype != "auto":
+        kwargs["dtype"] = getattr(torch, dtype)
+    elif dtype is not None:
+        kwargs["dtype"] = dtype
+    _check_model_ref(model)
+    return AutoModelForCausalLM.from_pretrained(model, **kwargs)
+
+
+def _check_model_ref(ref: str) -> None:
+    looks_local = ref.startswith((".", "/", "~")) or os.path.sep in ref.strip("/").split("/", 1)[-1]
+    if os.path.isdir(ref):
+        if not os.path.exists(os.path.join(ref, "config.json")):
+            raise ChatSFTError(
+                "folder has no config.json, so it is not a saved model",
+                source=ref,
+                field="model",
+                hint="point model at a folder written by save_pretrained, or a hub id",
+            )
+        return
+    if looks_local or os.environ.get("HF_HUB_OFFLINE") == "1" and ref.count("/") != 1:
+        raise ChatSFTError(
+            "model path does not exist", source=ref, field="model", hint="check the path or hub id"
+        )
+
+
+def tokenizer_source(model_arg: str | torch.nn.Module) -> str | None:
+    if isinstance(model_arg, str):
+        return model_arg
+    if isinstance(model_arg, PreTrainedModel):
+        name = getattr(model_arg.config, "_name_or_path", "") or getattr(model_arg, "name_or_path", "")
+        return name or None
+    return None
+
+
+def load_tokenizer(
+    model_arg: str | torch.nn.Module,
+    processing_class: Any | None = None,
+    *,
+    chat_template_path: str | None = None,
+    eos_token: str | None = None,
+    pad_token: str | None = None,
+) -> Any:
+    """The given tokenizer, or the model's own; with chatsft's chat template, EOS and pad rules."""
+    tokenizer = processing_class
+    if tokenizer is None:
+        src = tokenizer_source(model_arg)
+        if src is None:
+            raise ChatSFTError(
+                "no tokenizer: the model is a plain module without a saved name",
+                field="processing_class",
+                hint="pass processing_class=AutoTokenizer.from_pretrained(...)",
+            )
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    if chat_template_path is not None:
+        tokenizer.chat_template = read_chat_template(chat_template_path)
+    if eos_token is not None:
+        if tokenizer.convert_tokens_to_ids(eos_token) in (None, tokenizer.unk_token_id):
+            raise ChatSFTError(
+                f"eos_token {eos_token!r} is not in the tokenizer's vocabulary", field="eos_token"
+            )
+        tokenizer.eos_token = eos_token
+    if tokenizer.eos_token is None:
+        raise ChatSFTError(
+            "the tokenizer has no eos_token, so the model could never learn to stop",
+            field="eos_token",
+            hint="set eos_token in the config",
+        )
+    if pad_token is not None:
+        tokenizer.pad_token = pad_token
+    elif tokenizer.pad_token is None:
+        # Labels come from trained masks, never from pad ids, so pad == eos cannot hide a real EOS.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def read_chat_template(path: str) -> str:
+    if os.path.isdir(path):
+        jinja = os.path.join(path, "chat_template.jinja")
+        if os.path.exists(jinja):
+            path = jinja
+        else:
+            template = AutoTokenizer.from_pretrained(path).chat_template
+            if not template:
+                raise ChatSFTError("tokenizer folder has no chat template", source=path)
+            return template
+    if not os.path.exists(path):
+        raise ChatSFTError("file not found", source=path, field="chat_template_path")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def apply_peft(model: torch.nn.Module, peft_config: Any | None) -> torch.nn.Module:
+    if peft_config is None:
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config)

@@ -1,0 +1,228 @@
+"""SFTTrainer: a thin transformers.Trainer that wires chatsft's data pipeline and loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from collections.abc import Callable
+from typing import Any
+
+import datasets
+import torch
+import yaml
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+
+from .config import SFTConfig
+from .data.collate import PaddedCollator, PaddingFreeCollator
+from .data.prepare import prepare_for_training
+from .data.tokenize import PrepOptions
+from .errors import ChatSFTError
+from .model.load import apply_peft, load_model, load_tokenizer
+from .model.loss import supervised_loss
+
+CONFIG_FILE = "training_config.yaml"
+
+
+def as_sft_config(args: TrainingArguments | None) -> SFTConfig:
+    if args is None:
+        return SFTConfig()
+    if isinstance(args, SFTConfig):
+        return args
+    # A plain TrainingArguments: keep every value the user set, add SFT defaults.
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+    return SFTConfig(**values)
+
+
+def prep_options(args: SFTConfig, tokenizer: Any) -> PrepOptions:
+    return PrepOptions(
+        eos_token=tokenizer.eos_token,
+        dataset_text_field=args.dataset_text_field,
+        dataset_format=args.dataset_format,
+        assistant_only_loss=args.assistant_only_loss,
+        completion_only_loss=args.completion_only_loss,
+        max_length=args.max_length,
+        truncation_mode=args.truncation_mode,
+        overlong_policy=args.overlong_policy,
+    )
+
+
+def default_collator(args: SFTConfig, model: torch.nn.Module, tokenizer: Any) -> Callable:
+    if args.packing or args.padding_free:
+        if not isinstance(_base_model(model), PreTrainedModel):
+            raise ChatSFTError(
+                "packing and padding_free need a transformers model (documents are separated "
+                "through position_ids)",
+                field="packing",
+                hint="set packing: false for a plain torch module",
+            )
+        return PaddingFreeCollator()
+    return PaddedCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class SFTTrainer(Trainer):
+    """Drop-in replacement for `trl.SFTTrainer`."""
+
+    def __init__(
+        self,
+        model: str | torch.nn.Module,
+        args: TrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: datasets.Dataset | None = None,
+        eval_dataset: datasets.Dataset | dict[str, datasets.Dataset] | None = None,
+        processing_class: Any | None = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        peft_config: Any | None = None,
+        formatting_func: Callable | None = None,
+        tokenizer: Any | None = None,  # TRL's older name for processing_class
+    ) -> None:
+        args = as_sft_config(args)
+        if args.model_init_kwargs and not isinstance(model, str):
+            raise ChatSFTError(
+                "model_init_kwargs only apply when model is a hub id or a path",
+                field="model_init_kwargs",
+                hint="remove them or pass the model by name",
+            )
+        tokenizer = load_tokenizer(
+            model,
+            processing_class if processing_class is not None else tokenizer,
+            chat_template_path=args.chat_template_path,
+            eos_token=args.eos_token,
+            pad_token=args.pad_token,
+        )
+        model = apply_peft(load_model(model, args.model_init_kwargs), peft_config)
+        self.prep_stats: dict[str, Any] = {}
+        opts = prep_options(args, tokenizer)
+        prep_kwargs = dict(
+            packing=args.packing, formatting_func=formatting_func, num_proc=args.dataset_num_proc
+        )
+        if train_dataset is not None:
+            train_dataset = self._prepare(train_dataset, tokenizer, opts, "train", args, prep_kwargs)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {
+                key: self._prepare(ds, tokenizer, opts, f"eval_{key}", args, prep_kwargs)
+                for key, ds in eval_dataset.items()
+            }
+        elif eval_dataset is not None:
+            eval_dataset = self._prepare(eval_dataset, tokenizer, opts, "eval", args, prep_kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator or default_collator(args, model, tokenizer),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        # compute_loss below normalises by the step's trained-token count itself, so the Trainer
+        # must count those tokens (num_items_in_batch) and must not divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        self._forward_keys = _forward_keys(model)
+        self._sums: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
+        self.num_trained_tokens = 0
+
+    def _prepare(self, dataset, tokenizer, opts, name, args, prep_kwargs):
+        prepared, stats = prepare_for_training(
+            dataset, tokenizer, opts, name=name, **prep_kwargs
+        )
+        if stats is not None:
+            self.prep_stats[name] = stats
+            if args.process_index == 0:
+                print(stats.summary(name), flush=True)
+        return prepared
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        if self.compute_loss_func is not None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        if self._forward_keys is not None:
+            inputs = {k: v for k, v in inputs.items() if k in self._forward_keys}
+        parts, outputs = supervised_loss(model, inputs, labels)
+        # THE normalisation: sum of token losses / trained tokens of the whole optimizer step.
+        # num_items_in_batch counts every micro-batch of the step (and, with
+        # average_tokens_across_devices, every rank); DDP then averages gradients over ranks, which
+        # the world-size factor undoes so the update is a sum over all ranks' tokens / global count.
+        if num_items_in_batch is None:
+            loss = parts.loss_sum / parts.num_tokens.clamp(min=1)
+        else:
+            loss = parts.loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        mode = "train" if model.training else "eval"
+        self._sums[mode].append(torch.stack([parts.num_tokens, parts.num_correct]).detach())
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Our outputs hold logits for trained positions only; without compute_metrics there is
+        # nothing to gather, so skip collecting them.
+        only_loss = prediction_loss_only or self.compute_metrics is None
+        return super().prediction_step(model, inputs, only_loss, ignore_keys)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        is_eval = any(k.startswith("eval_") for k in logs)
+        sums = self._sums["eval" if is_eval else "train"]
+        if sums:
+            total = torch.stack(sums).sum(0)
+            if self.accelerator.num_processes > 1:
+                total = self.accelerator.reduce(total, reduction="sum")
+            tokens, correct = (int(x) for x in total.tolist())
+            sums.clear()
+            accuracy = correct / max(tokens, 1)
+            if is_eval:
+                prefix = next((k[: -len("loss")] for k in logs if k.endswith("_loss")), "eval_")
+                logs[f"{prefix}mean_token_accuracy"] = accuracy
+            else:
+                self.num_trained_tokens += tokens
+                logs["num_trained_tokens"] = self.num_trained_tokens
+                logs["mean_token_accuracy"] = accuracy
+        super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            with open(os.path.join(output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+                yaml.safe_dump(_yaml_safe(self.args.to_dict()), f, sort_keys=True)
+
+
+def _forward_keys(model: torch.nn.Module) -> set[str] | None:
+    """For plain modules, the batch keys their forward accepts (None: pass everything)."""
+    base = _base_model(model)
+    if isinstance(base, PreTrainedModel):
+        return None
+    params = inspect.signature(base.forward).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
+
+
+def _yaml_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _yaml_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_yaml_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
