@@ -120,11 +120,6 @@ class SFTConfig(TrainingArguments):
         default="none",
         metadata={"help": "Where to report metrics (e.g. 'wandb', 'tensorboard'); 'none' by default."},
     )
-    # chatsft's collators emit input_ids/labels/position_ids; raw dataset columns are dropped by us.
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Kept False: chatsft prepares the columns itself."}
-    )
-
     def __post_init__(self) -> None:
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(

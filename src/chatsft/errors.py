@@ -15,6 +15,7 @@ class ChatSFTError(ValueError):
         field: str | None = None,
         hint: str | None = None,
     ) -> None:
+        self.message = message
         self.source, self.row, self.field, self.hint = source, row, field, hint
         where = []
         if source is not None:
@@ -27,3 +28,11 @@ class ChatSFTError(ValueError):
             f" — {hint}" if hint else ""
         )
         super().__init__(text)
+
+    def with_source(self, source: str) -> ChatSFTError:
+        """The same error, naming the file it came from (data prep only knows row numbers)."""
+        if self.source is not None:
+            return self
+        return ChatSFTError(
+            self.message, source=source, row=self.row, field=self.field, hint=self.hint
+        )

@@ -22,6 +22,7 @@ from .model.load import apply_peft, load_model, load_tokenizer
 from .model.loss import supervised_loss
 
 CONFIG_FILE = "training_config.yaml"
+PREPARED_COLUMNS = ("input_ids", "trained_mask", "seq_lengths", "labels", "attention_mask", "position_ids")
 
 
 def as_sft_config(args: TrainingArguments | None) -> SFTConfig:
@@ -145,6 +146,12 @@ class SFTTrainer(Trainer):
             if args.process_index == 0:
                 print(stats.summary(name), flush=True)
         return prepared
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # The Trainer would drop columns the model's forward does not name (trained_mask,
+        # seq_lengths); our collators consume them.
+        if self._signature_columns is None:
+            self._signature_columns = list(PREPARED_COLUMNS)
 
     def compute_loss(
         self,

@@ -1,0 +1,40 @@
+# Two set-up commands: `make demo` and `make test`. Both create .venv and install chatsft into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.chatsft-installed
+# torch is pinned here, not in pyproject: a loose torch requirement pulls a multi-GB CUDA build,
+# while torch==2.13.0 is a CPU build. The package itself accepts a range.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/chatsft demo
+
+test: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: install
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
+
+bench: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/vs_trl.py
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

@@ -1,0 +1,464 @@
+"""Side-by-side benchmark: chatsft's SFTTrainer against TRL 1.16's on the shared workload.
+
+Each configuration trains in its own subprocess (so peak memory is per framework) on the same model
+initialisation, tokenizer, data and hyper-parameters, from `shared/bench/workload.py`. Only training
+steps are timed: from the start of the first step after the warm-up steps to the end of the last
+one. Tokens are counted from the batches actually fed to the model, through a wrapper around the
+trainer's data collator:
+
+- real tokens: non-pad tokens (attention_mask sum; every token of a padding-free batch),
+- trained tokens: positions whose next token is trained (shifted labels != -100).
+
+Usage (see bench/README.md):
+    python bench/vs_trl.py                                   # CPU workload, all four configs
+    python bench/vs_trl.py --configs trl-packing,chatsft-packing --steps 10 --json out.json
+    python bench/vs_trl.py --workload gpu                    # GPU workload (needs CUDA)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+SHARED_ENV = "CHATSFT_SHARED_BENCH"
+REPO = Path(__file__).resolve().parents[1]
+IGNORE_INDEX = -100
+
+# name -> (framework, SFTConfig overrides on top of the shared settings)
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "trl-default": ("trl", {}),
+    "trl-packing": ("trl", {"packing": True}),
+    "chatsft-default": ("chatsft", {}),
+    "chatsft-packing": ("chatsft", {"packing": True}),
+    # Extras (not run by default): TRL without its default gradient checkpointing.
+    "trl-nogc": ("trl", {"gradient_checkpointing": False}),
+    "trl-packing-nogc": ("trl", {"packing": True, "gradient_checkpointing": False}),
+}
+DEFAULT_CONFIGS = ("trl-default", "trl-packing", "chatsft-default", "chatsft-packing")
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: str  # "small" (workload.model) or "qwen2-0.5b"
+    conversations: int
+    mu: float
+    max_length: int
+    batch_size: int
+    steps: int
+    warmup_steps: int  # steps run before the timer starts
+    bf16: bool  # bf16 autocast over fp32 weights
+    device: str
+
+
+WORKLOADS = {
+    "cpu": Workload("small", 400, 3.5, 512, 8, 20, 1, False, "cpu"),
+    "gpu": Workload("qwen2-0.5b", 3000, 5.0, 2048, 8, 40, 5, True, "cuda"),
+}
+
+# The GPU workload's model (shared/bench/README.md): a Qwen2-0.5B-shaped config, random init.
+QWEN2_05B = dict(
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+)
+
+
+# --- shared workload ------------------------------------------------------------------------------
+
+
+def shared_bench_dir(override: str | None = None) -> Path:
+    """shared/bench: the flag, then $CHATSFT_SHARED_BENCH, then ../shared/bench next to the repo."""
+    path = Path(override or os.environ.get(SHARED_ENV) or REPO.parent / "shared" / "bench")
+    if not (path / "workload.py").is_file():
+        sys.exit(
+            f"error: no workload.py in {path}; pass --shared DIR or set {SHARED_ENV} to the folder "
+            "holding workload.py and workload_tokenizer/"
+        )
+    return path
+
+
+def load_workload_module(shared: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_workload", shared / "workload.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_model(wl: ModuleType, tok: Any, workload: Workload, seed: int) -> Any:
+    if workload.model != "qwen2-0.5b":
+        return wl.model(tok, workload.model, seed=seed)
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        **QWEN2_05B,
+        max_position_embeddings=32768,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        attn_implementation="sdpa",
+    )
+    return Qwen2ForCausalLM(cfg)
+
+
+# --- measuring (shared by both frameworks) --------------------------------------------------------
+
+
+def _count(batch: dict[str, Any]) -> tuple[int, int]:
+    """(real tokens, trained tokens) of one collated batch."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    real = int(mask.sum()) if mask is not None else ids.numel()
+    trained = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+    return real, trained
+
+
+class CountingCollator:
+    """Wraps a data collator; records (real, trained) tokens of every batch, in order."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.counts: list[tuple[int, int]] = []
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner(examples)
+        self.counts.append(_count(batch))
+        return batch
+
+
+def _make_meter(device: str, warmup: int, steps: int) -> Any:
+    import torch
+    from transformers import TrainerCallback
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    class Meter(TrainerCallback):
+        """Times steps warmup+1..steps and keeps the logged losses."""
+
+        def __init__(self) -> None:
+            self.t0: float | None = None
+            self.t1: float | None = None
+            self.cpu_seconds = 0.0  # this process's CPU time (all threads) over the timed steps
+            self.load: list[float] = []  # 1-minute load average at the start and the end
+            self.losses: list[tuple[int, float]] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == warmup and self.t0 is None:
+                sync()
+                self.t0 = time.perf_counter()
+                self.cpu_seconds = -time.process_time()
+                self.load.append(os.getloadavg()[0])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == steps:
+                sync()
+                self.t1 = time.perf_counter()
+                self.cpu_seconds += time.process_time()
+                self.load.append(os.getloadavg()[0])
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append((state.global_step, float(logs["loss"])))
+
+    return Meter()
+
+
+def _make_profiler(out_dir: Path, name: str, start: int, n_steps: int) -> Any:
+    """torch.profiler over steps start+1..start+n_steps; tables go to out_dir/name.*.txt."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        def __init__(self) -> None:
+            self.prof: Any = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == start and self.prof is None:
+                self.prof = torch.profiler.profile(record_shapes=True)
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is not None and state.global_step == start + n_steps:
+                self.prof.__exit__(None, None, None)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                avg = self.prof.key_averages()
+                for key in ("self_cpu_time_total", "cpu_time_total"):
+                    table = avg.table(sort_by=key, row_limit=45, max_name_column_width=70)
+                    (out_dir / f"{name}.{key}.txt").write_text(table)
+                shapes = self.prof.key_averages(group_by_input_shape=True)
+                table = shapes.table(sort_by="self_cpu_time_total", row_limit=30)
+                (out_dir / f"{name}.by_shape.txt").write_text(table)
+                self.prof = None
+
+    return Profile()
+
+
+# --- one run (in a subprocess) --------------------------------------------------------------------
+
+
+def shared_settings(workload: Workload, steps: int, lr: float, aol: bool, out: str) -> dict:
+    return dict(
+        output_dir=out,
+        max_length=workload.max_length,
+        per_device_train_batch_size=workload.batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=lr,
+        seed=42,
+        bf16=workload.bf16,
+        use_cpu=workload.device == "cpu",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,  # the counting collator must run in this process
+        assistant_only_loss=aol,
+    )
+
+
+def settings_in_effect(trainer: Any, framework: str) -> dict[str, Any]:
+    args = trainer.args
+    keys = (
+        "gradient_checkpointing",
+        "bf16",
+        "packing",
+        "padding_free",
+        "packing_strategy",
+        "pad_to_multiple_of",
+        "assistant_only_loss",
+        "learning_rate",
+        "lr_scheduler_type",
+        "warmup_steps",
+        "optim",
+        "weight_decay",
+        "max_grad_norm",
+        "loss_type",
+    )
+    out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    out = {k: getattr(v, "value", v) for k, v in out.items()}  # enums -> their names
+    if framework == "trl":
+        out["padding_free"] = trainer.padding_free  # TRL turns it on for bfd packing
+    model = trainer.model
+    out["attn_implementation"] = model.config._attn_implementation
+    out["train_rows"] = len(trainer.train_dataset)
+    import torch
+
+    out["torch_threads"] = torch.get_num_threads()
+    return out
+
+
+def peak_memory_mib(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_one(name: str, opts: argparse.Namespace) -> dict[str, Any]:
+    import datasets
+    import torch
+
+    workload = WORKLOADS[opts.workload]
+    workload = dataclasses.replace(workload, device=opts.device)
+    steps = opts.steps or workload.steps
+    warmup = workload.warmup_steps if opts.warmup is None else opts.warmup
+    framework, overrides = CONFIGS[name]
+    if framework == "trl":
+        from trl import SFTConfig, SFTTrainer
+    else:
+        from chatsft import SFTConfig, SFTTrainer
+
+    wl = load_workload_module(shared_bench_dir(opts.shared))
+    tok = wl.tokenizer(str(shared_bench_dir(opts.shared) / "workload_tokenizer"))
+    model = build_model(wl, tok, workload, seed=0)
+    data = datasets.Dataset.from_list(wl.conversations(workload.conversations, mu=workload.mu))
+
+    meter = _make_meter(workload.device, warmup, steps)
+    callbacks = [meter]
+    if opts.profile:
+        callbacks.append(_make_profiler(Path(opts.profile), name, warmup, opts.profile_steps))
+    with tempfile.TemporaryDirectory() as out:
+        kwargs = shared_settings(workload, steps, opts.lr, opts.assistant_only_loss, out)
+        config = SFTConfig(**{**kwargs, **overrides})
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=data,
+            processing_class=tok,
+            callbacks=callbacks,
+        )
+        counter = CountingCollator(trainer.data_collator)
+        trainer.data_collator = counter  # after __init__: TRL rejects custom padding-free collators
+        if workload.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+
+    if meter.t0 is None or meter.t1 is None:
+        raise RuntimeError(f"{name}: timing callbacks did not fire (steps={steps}, warmup={warmup})")
+    timed = counter.counts[warmup:steps]  # one batch per step (no gradient accumulation)
+    seconds = meter.t1 - meter.t0
+    real = sum(r for r, _ in timed)
+    trained = sum(t for _, t in timed)
+    return {
+        "config": name,
+        "framework": framework,
+        "timed_steps": len(timed),
+        "seconds": seconds,
+        "real_tokens": real,
+        "trained_tokens": trained,
+        "real_tokens_per_s": real / seconds,
+        "trained_tokens_per_s": trained / seconds,
+        "peak_mem_mib": peak_memory_mib(workload.device),
+        "peak_rss_mib": peak_memory_mib("cpu"),
+        "cpu_util": meter.cpu_seconds / seconds,
+        "loadavg": meter.load,
+        "first_loss": meter.losses[0][1] if meter.losses else None,
+        "final_loss": meter.losses[-1][1] if meter.losses else None,
+        "settings": settings_in_effect(trainer, framework),
+    }
+
+
+# --- driver ---------------------------------------------------------------------------------------
+
+
+def run_in_subprocess(name: str, opts: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_path = f.name
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--result", result_path]
+    cmd += forwarded_flags(opts)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    print(f"\n=== {name}: {' '.join(cmd[2:])}", flush=True)
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=REPO)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: {name} failed with exit code {proc.returncode}")
+        return json.loads(Path(result_path).read_text())
+    finally:
+        Path(result_path).unlink(missing_ok=True)
+
+
+def forwarded_flags(opts: argparse.Namespace) -> list[str]:
+    flags = ["--workload", opts.workload, "--device", opts.device, "--lr", repr(opts.lr)]
+    if opts.steps:
+        flags += ["--steps", str(opts.steps)]
+    if opts.warmup is not None:
+        flags += ["--warmup", str(opts.warmup)]
+    if opts.shared:
+        flags += ["--shared", opts.shared]
+    if opts.profile:
+        flags += ["--profile", opts.profile, "--profile-steps", str(opts.profile_steps)]
+    flags.append("--assistant-only-loss" if opts.assistant_only_loss else "--no-assistant-only-loss")
+    return flags
+
+
+def format_report(results: list[dict[str, Any]], device: str) -> str:
+    mem = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
+    lines = [
+        f"| config | real tok/s | trained tok/s | {mem} | first loss | final loss | timed steps | s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['config']} | {r['real_tokens_per_s']:,.0f} | {r['trained_tokens_per_s']:,.0f} "
+            f"| {r['peak_mem_mib']:,.0f} | {r['first_loss']:.4f} | {r['final_loss']:.4f} "
+            f"| {r['timed_steps']} | {r['seconds']:.1f} | {r['cpu_util']:.2f} |"
+        )
+    trl = [r for r in results if r["framework"] == "trl"]
+    ours = [r for r in results if r["framework"] == "chatsft"]
+    if trl and ours:
+        lines += [
+            "",
+            "Ratios chatsft / TRL (real tok/s, trained tok/s, peak memory):",
+            "",
+            "| chatsft | vs TRL | real tok/s | trained tok/s | memory |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for c in ours:
+            for t in trl:
+                lines.append(
+                    f"| {c['config']} | {t['config']} "
+                    f"| {c['real_tokens_per_s'] / t['real_tokens_per_s']:.2f}x "
+                    f"| {c['trained_tokens_per_s'] / t['trained_tokens_per_s']:.2f}x "
+                    f"| {c['peak_mem_mib'] / t['peak_mem_mib']:.2f}x |"
+                )
+    lines += ["", "Settings in effect:", ""]
+    for r in results:
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
+        lines.append(f"- {r['config']}: {settings}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"from {list(CONFIGS)}")
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: the workload's device")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the workload's)")
+    p.add_argument("--warmup", type=int, help="untimed first steps (default: the workload's)")
+    p.add_argument("--lr", type=float, default=2e-5, help="learning rate for every run")
+    p.add_argument(
+        "--assistant-only-loss",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train on assistant turns only (both frameworks)",
+    )
+    p.add_argument("--shared", help=f"shared/bench folder (default: ${SHARED_ENV} or ../shared/bench)")
+    p.add_argument("--json", help="write all results to this file")
+    p.add_argument("--profile", help="write torch.profiler tables for each run to this folder")
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    opts = p.parse_args(argv)
+    opts.device = opts.device or WORKLOADS[opts.workload].device
+    return opts
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(argv)
+    if opts.worker:
+        result = run_one(opts.worker, opts)
+        Path(opts.result).write_text(json.dumps(result))
+        return
+
+    names = [n.strip() for n in opts.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        sys.exit(f"error: unknown config(s) {unknown}; choose from {list(CONFIGS)}")
+    if opts.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("error: --device cuda needs a CUDA GPU, and torch.cuda.is_available() is False")
+    shared_bench_dir(opts.shared)  # fail early with a clear message
+
+    results = [run_in_subprocess(name, opts) for name in names]
+    report = format_report(results, opts.device)
+    print("\n" + report)
+    if opts.json:
+        meta = {k: v for k, v in vars(opts).items() if k not in ("worker", "result")}
+        Path(opts.json).write_text(json.dumps({"options": meta, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""`chatsft train|demo`: thin wrappers over the Python API. Bad input → one line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from .errors import ChatSFTError
+
+
+def cmd_train(rest: list[str]) -> int:
+    from .data.load import load_data, split_eval
+    from .run_config import load_run_config
+    from .trainer import SFTTrainer
+
+    config = rest.pop(0) if rest and not rest[0].startswith("--") else None
+    run = load_run_config(config, rest)
+    train = load_data(run.dataset, run.dataset_split)
+    evaluation = None
+    if run.eval_dataset or run.eval_split:
+        evaluation = load_data(run.eval_dataset or run.dataset, run.eval_split or "train")
+    elif run.eval_fraction:
+        train, evaluation = split_eval(train, run.eval_fraction, run.sft.seed)
+    try:
+        trainer = SFTTrainer(
+            model=run.model, args=run.sft, train_dataset=train, eval_dataset=evaluation
+        )
+    except ChatSFTError as err:
+        raise err.with_source(run.dataset) from None
+    trainer.train()
+    trainer.save_model(run.sft.output_dir)
+    print(f"[chatsft] saved the model to {run.sft.output_dir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    run_demo(args.output_dir, quick=args.quick, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatsft", description="Supervised fine-tuning of chat language models."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = sub.add_parser(
+        "train",
+        help="train from a YAML config, with --field value overrides",
+        description="Train from CONFIG.yaml. Any SFTConfig field, plus model, dataset, "
+        "dataset_split, eval_dataset, eval_split, eval_fraction and output_dir, can be set in the "
+        "YAML or overridden as --field value.",
+    )
+    train.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="[CONFIG.yaml] [--field value ...]",
+        help="YAML config (optional if flags give everything), then overrides",
+    )
+    demo = sub.add_parser(
+        "demo", help="train the bundled tiny model offline and show that it learned"
+    )
+    demo.add_argument("--output-dir", default="demo-output", help="where to save the model")
+    demo.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+    # `train` takes free-form --field overrides, which argparse would reorder; main() parses them.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:]):
+            return cmd_train(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except (ChatSFTError, FileNotFoundError, PermissionError) as err:
+        if debug:
+            traceback.print_exc()
+        print(f"chatsft: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("chatsft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""A training run from YAML plus command-line overrides: where the data and model come from, and an
+SFTConfig. Unknown keys are errors with a did-you-mean, never silently ignored."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from .config import SFTConfig
+from .errors import ChatSFTError
+
+
+@dataclass
+class RunConfig:
+    model: str
+    dataset: str
+    sft: SFTConfig
+    dataset_split: str = "train"
+    eval_dataset: str | None = None
+    eval_split: str | None = None
+    eval_fraction: float | None = None
+
+
+RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"sft"}
+SFT_KEYS = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """`--key value`, `--key=value` or a bare `--flag` (true). Values are read as YAML scalars."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or tok == "--":
+            raise ChatSFTError(
+                f"unexpected argument {tok!r}", hint="overrides look like --learning_rate 1e-4"
+            )
+        key, eq, value = tok[2:].partition("=")
+        if not eq:
+            if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                value = tokens[i + 1]
+                i += 1
+            else:
+                value = "true"
+        out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+        i += 1
+    return out
+
+
+def _check_keys(values: dict[str, Any], source: str) -> None:
+    known = RUN_KEYS | SFT_KEYS
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise ChatSFTError(
+                "unknown setting",
+                source=source,
+                field=key,
+                hint=f"did you mean '{close[0]}'?" if close else "see `chatsft train --help`",
+            )
+
+
+def load_run_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    values: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise ChatSFTError("config file not found", source=path)
+        with open(path, encoding="utf-8") as f:
+            try:
+                loaded = yaml.safe_load(f)
+            except yaml.YAMLError as err:
+                raise ChatSFTError(f"invalid YAML: {err}", source=path) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ChatSFTError("expected a mapping of settings at the top level", source=path)
+        values = dict(loaded or {})
+        _check_keys(values, path)
+    cli = parse_overrides(overrides or [])
+    _check_keys(cli, "command line")
+    values.update(cli)
+    for key in ("model", "dataset"):
+        if not values.get(key):
+            raise ChatSFTError(
+                "is required", source=path or "command line", field=key, hint=f"add {key}: ..."
+            )
+    run = {k: values.pop(k) for k in list(values) if k in RUN_KEYS}
+    try:
+        sft = SFTConfig(**values)
+    except (TypeError, ValueError) as err:
+        raise ChatSFTError(f"invalid training setting: {err}", source=path or "command line") from None
+    return RunConfig(sft=sft, **run)

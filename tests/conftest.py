@@ -1,0 +1,104 @@
+"""Offline fixtures: a tokenizer trained in-process and tiny Llama models built from configs."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+# ChatML without {% generation %} markers, like most stock templates.
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORDS = "the cat dog sat on a mat hi yo what is two plus three four five answer question".split()
+
+
+def _corpus(n: int = 3000):
+    rng = random.Random(0)
+    for _ in range(n):
+        yield " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>"
+    )
+    fast.chat_template = CHATML
+    path = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture()
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def make_model(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture()
+def model(tokenizer):
+    return make_model(tokenizer)
+
+
+@pytest.fixture()
+def model_dir(tmp_path, tokenizer):
+    """A local model folder as save_pretrained writes it, with its tokenizer beside it."""
+    path = tmp_path / "tiny-model"
+    make_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def chats(n: int = 16, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        msgs = []
+        for _ in range(rng.randint(1, 2)):
+            msgs.append({"role": "user", "content": " ".join(rng.sample(WORDS, 4))})
+            msgs.append({"role": "assistant", "content": " ".join(rng.sample(WORDS, 3))})
+        rows.append({"messages": msgs})
+    return rows

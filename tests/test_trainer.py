@@ -1,0 +1,130 @@
+"""The drop-in API: TRL's quickstart pattern with only the import changed, on local models."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+from conftest import chats, make_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chatsft import ChatSFTError, SFTConfig, SFTTrainer
+
+
+def args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        max_length=64,
+    )
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def test_trl_quickstart_pattern_on_a_local_model(tmp_path, model_dir):
+    # TRL's quickstart: SFTTrainer(model="id", train_dataset=dataset) then trainer.train().
+    dataset = datasets.Dataset.from_list(chats(16))
+    trainer = SFTTrainer(model=model_dir, args=args(tmp_path), train_dataset=dataset)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    for name, p in trainer.model.named_parameters():
+        assert p.requires_grad
+        assert not torch.equal(before[name], p.detach()), f"{name} did not change"
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert {"loss", "learning_rate", "grad_norm", "num_trained_tokens", "mean_token_accuracy"} <= set(logs[-1])
+    assert logs[-1]["num_trained_tokens"] > logs[0]["num_trained_tokens"] > 0
+
+
+def test_saved_folder_reloads_with_plain_transformers_and_generates(tmp_path, model_dir):
+    dataset = datasets.Dataset.from_list(chats(8))
+    trainer = SFTTrainer(model=model_dir, args=args(tmp_path, max_steps=1), train_dataset=dataset)
+    trainer.train()
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    assert (out / "model.safetensors").exists() and (out / "training_config.yaml").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and "im_start" in tok.chat_template
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    gen = model.generate(**prompt, max_new_tokens=3, do_sample=False)
+    assert gen.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_model_object_tokenizer_kwarg_and_plain_training_arguments(tmp_path, tokenizer):
+    from transformers import TrainingArguments
+
+    model = make_model(tokenizer)
+    targs = TrainingArguments(
+        output_dir=str(tmp_path / "o"), max_steps=1, per_device_train_batch_size=2, report_to="none"
+    )
+    trainer = SFTTrainer(model=model, args=targs, tokenizer=tokenizer, train_dataset=datasets.Dataset.from_list(chats(4)))
+    assert isinstance(trainer.args, SFTConfig) and trainer.args.max_steps == 1
+    trainer.train()
+
+
+class PlainLM(torch.nn.Module):
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, 16)
+        self.head = torch.nn.Linear(16, vocab)
+
+    def forward(self, input_ids):
+        return self.head(self.emb(input_ids))
+
+
+def test_plain_torch_module(tmp_path, tokenizer):
+    model = PlainLM(len(tokenizer))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = SFTTrainer(
+        model=model, args=args(tmp_path), processing_class=tokenizer, train_dataset=datasets.Dataset.from_list(chats(8))
+    )
+    trainer.train()
+    for name, p in model.named_parameters():
+        assert not torch.equal(before[name], p.detach()), name
+
+
+def test_plain_module_needs_a_tokenizer(tmp_path, tokenizer):
+    with pytest.raises(ChatSFTError, match="processing_class"):
+        SFTTrainer(model=PlainLM(10), args=args(tmp_path), train_dataset=datasets.Dataset.from_list(chats(2)))
+
+
+def test_formatting_func_and_eval_dict(tmp_path, model_dir):
+    rows = datasets.Dataset.from_list([{"q": "what is two", "a": "four"}] * 8)
+
+    def fmt(ex):
+        return [{"role": "user", "content": ex["q"]}, {"role": "assistant", "content": ex["a"]}]
+
+    trainer = SFTTrainer(
+        model=model_dir,
+        args=args(tmp_path, eval_strategy="steps", eval_steps=2, assistant_only_loss=True),
+        train_dataset=rows,
+        eval_dataset={"a": rows.select(range(4)), "b": rows.select(range(2))},
+        formatting_func=fmt,
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert {"eval_a_loss", "eval_b_loss", "eval_a_mean_token_accuracy"} <= set(metrics)
+
+
+def test_bad_rows_name_row_and_field(tmp_path, model_dir):
+    bad = [
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]}, "row 2, field 'messages\\[1\\].role'"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}, "row 2, field 'messages\\[1\\].content'"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "row 2, field 'messages': conversation has no assistant"),
+    ]
+    good = chats(1)[0]
+    for row, match in bad:
+        with pytest.raises(ChatSFTError, match=match):
+            SFTTrainer(model=model_dir, args=args(tmp_path), train_dataset=datasets.Dataset.from_list([good, row]))
+
+
+def test_unknown_columns_list_what_was_found(tmp_path, model_dir):
+    with pytest.raises(ChatSFTError, match=r"\['foo'\].*'messages'"):
+        SFTTrainer(model=model_dir, args=args(tmp_path), train_dataset=datasets.Dataset.from_list([{"foo": "x"}]))
