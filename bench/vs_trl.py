@@ -314,7 +314,9 @@ def run_one(name: str, opts: argparse.Namespace) -> dict[str, Any]:
         trainer.train()
 
     if meter.t0 is None or meter.t1 is None:
-        raise RuntimeError(f"{name}: timing callbacks did not fire (steps={steps}, warmup={warmup})")
+        raise RuntimeError(
+            f"{name}: timing callbacks did not fire (steps={steps}, warmup={warmup})"
+        )
     timed = counter.counts[warmup:steps]  # one batch per step (no gradient accumulation)
     seconds = meter.t1 - meter.t0
     real = sum(r for r, _ in timed)
@@ -368,42 +370,58 @@ def forwarded_flags(opts: argparse.Namespace) -> list[str]:
         flags += ["--shared", opts.shared]
     if opts.profile:
         flags += ["--profile", opts.profile, "--profile-steps", str(opts.profile_steps)]
-    flags.append("--assistant-only-loss" if opts.assistant_only_loss else "--no-assistant-only-loss")
+    flags.append(
+        "--assistant-only-loss" if opts.assistant_only_loss else "--no-assistant-only-loss"
+    )
     return flags
 
 
-def format_report(results: list[dict[str, Any]], device: str) -> str:
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per config, in first-run order: its median run by real tokens/s."""
+    by_config: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_config.setdefault(r["config"], []).append(r)
+    rows = []
+    for config_runs in by_config.values():
+        ranked = sorted(config_runs, key=lambda r: r["real_tokens_per_s"])
+        row = dict(ranked[(len(ranked) - 1) // 2])
+        row["all_real_tokens_per_s"] = [r["real_tokens_per_s"] for r in config_runs]
+        rows.append(row)
+    return rows
+
+
+def format_report(rows: list[dict[str, Any]], device: str) -> str:
     mem = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
     lines = [
-        f"| config | real tok/s | trained tok/s | {mem} | first loss | final loss | timed steps | s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| config | real tok/s | trained tok/s | {mem} | first loss | final loss "
+        "| timed steps | timed s | CPU util | real tok/s, every run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in results:
+    for r in rows:
+        every = ", ".join(f"{x:,.0f}" for x in r["all_real_tokens_per_s"])
         lines.append(
             f"| {r['config']} | {r['real_tokens_per_s']:,.0f} | {r['trained_tokens_per_s']:,.0f} "
             f"| {r['peak_mem_mib']:,.0f} | {r['first_loss']:.4f} | {r['final_loss']:.4f} "
-            f"| {r['timed_steps']} | {r['seconds']:.1f} | {r['cpu_util']:.2f} |"
+            f"| {r['timed_steps']} | {r['seconds']:.1f} | {r['cpu_util']:.2f} | {every} |"
         )
-    trl = [r for r in results if r["framework"] == "trl"]
-    ours = [r for r in results if r["framework"] == "chatsft"]
+    trl = [r for r in rows if r["framework"] == "trl"]
+    ours = [r for r in rows if r["framework"] == "chatsft"]
     if trl and ours:
         lines += [
             "",
-            "Ratios chatsft / TRL (real tok/s, trained tok/s, peak memory):",
-            "",
-            "| chatsft | vs TRL | real tok/s | trained tok/s | memory |",
-            "|---|---|---:|---:|---:|",
+            "| chatsft / TRL | real tok/s | trained tok/s | peak memory |",
+            "|---|---:|---:|---:|",
         ]
         for c in ours:
             for t in trl:
                 lines.append(
-                    f"| {c['config']} | {t['config']} "
+                    f"| {c['config']} / {t['config']} "
                     f"| {c['real_tokens_per_s'] / t['real_tokens_per_s']:.2f}x "
                     f"| {c['trained_tokens_per_s'] / t['trained_tokens_per_s']:.2f}x "
                     f"| {c['peak_mem_mib'] / t['peak_mem_mib']:.2f}x |"
                 )
     lines += ["", "Settings in effect:", ""]
-    for r in results:
+    for r in rows:
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
         lines.append(f"- {r['config']}: {settings}")
     return "\n".join(lines)
@@ -423,7 +441,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="train on assistant turns only (both frameworks)",
     )
-    p.add_argument("--shared", help=f"shared/bench folder (default: ${SHARED_ENV} or ../shared/bench)")
+    p.add_argument(
+        "--shared", help=f"shared/bench folder (default: ${SHARED_ENV} or ../shared/bench)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every config this many times, in rotated order; report each config's median run",
+    )
     p.add_argument("--json", help="write all results to this file")
     p.add_argument("--profile", help="write torch.profiler tables for each run to this folder")
     p.add_argument("--profile-steps", type=int, default=3)
@@ -449,15 +475,22 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            sys.exit("error: --device cuda needs a CUDA GPU, and torch.cuda.is_available() is False")
+            sys.exit(
+                "error: --device cuda needs a CUDA GPU, and torch.cuda.is_available() is False"
+            )
     shared_bench_dir(opts.shared)  # fail early with a clear message
 
-    results = [run_in_subprocess(name, opts) for name in names]
-    report = format_report(results, opts.device)
-    print("\n" + report)
+    runs = []
+    for i in range(opts.repeats):
+        rotated = names[i % len(names) :] + names[: i % len(names)]  # spread machine noise
+        runs += [run_in_subprocess(name, opts) for name in rotated]
+    rows = summarise(runs)
+    print("\n" + format_report(rows, opts.device))
     if opts.json:
         meta = {k: v for k, v in vars(opts).items() if k not in ("worker", "result")}
-        Path(opts.json).write_text(json.dumps({"options": meta, "results": results}, indent=2))
+        Path(opts.json).write_text(
+            json.dumps({"options": meta, "summary": rows, "runs": runs}, indent=2)
+        )
 
 
 if __name__ == "__main__":

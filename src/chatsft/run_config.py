@@ -27,7 +27,24 @@ class RunConfig:
 
 
 RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"sft"}
-SFT_KEYS = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+SFT_FIELDS = {f.name: f for f in dataclasses.fields(SFTConfig) if f.init}
+SFT_KEYS = set(SFT_FIELDS)
+
+
+def _coerce_numbers(values: dict[str, Any]) -> None:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; numeric fields get a number."""
+    for key, value in values.items():
+        f = SFT_FIELDS.get(key)
+        if f is None or not isinstance(value, str):
+            continue
+        kind = str(f.type)
+        try:
+            if "float" in kind:
+                values[key] = float(value)
+            elif kind.startswith("int"):
+                values[key] = int(value)
+        except ValueError:
+            pass  # SFTConfig reports the bad value with its field name
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
@@ -88,6 +105,7 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> Run
                 "is required", source=path or "command line", field=key, hint=f"add {key}: ..."
             )
     run = {k: values.pop(k) for k in list(values) if k in RUN_KEYS}
+    _coerce_numbers(values)
     try:
         sft = SFTConfig(**values)
     except (TypeError, ValueError) as err:

@@ -26,11 +26,14 @@ def load_model(model: str | torch.nn.Module, init_kwargs: dict[str, Any] | None 
         kwargs["dtype"] = getattr(torch, dtype)
     elif dtype is not None:
         kwargs["dtype"] = dtype
-    _check_model_ref(model)
-    return AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    check_model_ref(model)
+    try:
+        return AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    except OSError as err:  # not found on the hub, offline, no weights file
+        raise ChatSFTError(f"could not load the model: {err}", source=model, field="model") from None
 
 
-def _check_model_ref(ref: str) -> None:
+def check_model_ref(ref: str) -> None:
     looks_local = ref.startswith((".", "/", "~")) or os.path.sep in ref.strip("/").split("/", 1)[-1]
     if os.path.isdir(ref):
         if not os.path.exists(os.path.join(ref, "config.json")):
@@ -74,7 +77,17 @@ def load_tokenizer(
                 field="processing_class",
                 hint="pass processing_class=AutoTokenizer.from_pretrained(...)",
             )
-        tokenizer = AutoTokenizer.from_pretrained(src)
+        if isinstance(model_arg, str):
+            check_model_ref(model_arg)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src)
+        except OSError as err:
+            raise ChatSFTError(
+                f"could not load the tokenizer: {err}",
+                source=src,
+                field="processing_class",
+                hint="pass processing_class, or save the tokenizer beside the model",
+            ) from None
     if chat_template_path is not None:
         tokenizer.chat_template = read_chat_template(chat_template_path)
     if eos_token is not None:

@@ -1,0 +1,95 @@
+"""The CLI as a user runs it: YAML + overrides, clear errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import chats
+
+from chatsft.cli import main
+from chatsft.run_config import load_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "chatsft", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_train_from_yaml_with_overrides(tmp_path, model_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", chats(12))
+    cfg = tmp_path / "run.yaml"
+    out = tmp_path / "out"
+    cfg.write_text(
+        yaml.safe_dump(
+            {"model": model_dir, "dataset": str(data), "output_dir": str(out), "max_steps": 50,
+             "per_device_train_batch_size": 4, "assistant_only_loss": True, "save_strategy": "no",
+             "report_to": "none", "max_length": 64}
+        )
+    )
+    result = run_cli("train", str(cfg), "--max_steps", "2", "--learning-rate=1e-3", "--packing")
+    assert result.returncode == 0, result.stderr
+    assert "12 rows read, 12 kept" in result.stdout
+    saved = yaml.safe_load((out / "training_config.yaml").read_text())
+    assert saved["max_steps"] == 2 and saved["learning_rate"] == 1e-3 and saved["packing"] is True
+    assert (out / "model.safetensors").exists()
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, model_dir, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(chats(1)[0]) + "\n{not json\n")
+    code = main(["train", "--model", model_dir, "--dataset", str(data), "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{data}, row 2: malformed JSON" in err and "Traceback" not in err
+
+
+def test_bad_row_in_file_names_file_row_and_field(tmp_path, model_dir, capsys):
+    rows = chats(2) + [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    code = main(["train", "--model", model_dir, "--dataset", str(data), "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{data}, row 3, field 'messages[1].content': content must be a string" in err
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: m\ndataset: d\nlearning_rat: 0.1\n")
+    assert main(["train", str(cfg)]) == 2
+    assert "did you mean 'learning_rate'" in capsys.readouterr().err
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", chats(2))
+    assert main(["train", "--model", str(tmp_path / "nope"), "--dataset", str(data)]) == 2
+    assert "model path does not exist" in capsys.readouterr().err
+
+
+def test_help_lists_the_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "train" in result.stdout and "demo" in result.stdout
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_loads(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# chatsft ") or first.startswith("# accelerate "), "first line: the command"
+    # bf16 is checked against the hardware when SFTConfig is built; this CPU machine has none.
+    run = load_run_config(str(path), ["--bf16", "false"])
+    assert run.model and run.dataset
