@@ -18,7 +18,26 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-WORDS = "the cat dog sat on a mat hi yo what is two plus three four five answer question".split()
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "hi",
+    "yo",
+    "what",
+    "is",
+    "two",
+    "plus",
+    "three",
+    "four",
+    "five",
+    "answer",
+    "question",
+]
 
 
 def _corpus(n: int = 3000):

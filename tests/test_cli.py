@@ -26,7 +26,11 @@ def write_jsonl(path: Path, rows) -> Path:
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "chatsft", *argv], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "chatsft", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 
@@ -36,9 +40,17 @@ def test_train_from_yaml_with_overrides(tmp_path, model_dir):
     out = tmp_path / "out"
     cfg.write_text(
         yaml.safe_dump(
-            {"model": model_dir, "dataset": str(data), "output_dir": str(out), "max_steps": 50,
-             "per_device_train_batch_size": 4, "assistant_only_loss": True, "save_strategy": "no",
-             "report_to": "none", "max_length": 64}
+            {
+                "model": model_dir,
+                "dataset": str(data),
+                "output_dir": str(out),
+                "max_steps": 50,
+                "per_device_train_batch_size": 4,
+                "assistant_only_loss": True,
+                "save_strategy": "no",
+                "report_to": "none",
+                "max_length": 64,
+            }
         )
     )
     result = run_cli("train", str(cfg), "--max_steps", "2", "--learning-rate=1e-3", "--packing")
@@ -52,16 +64,22 @@ def test_train_from_yaml_with_overrides(tmp_path, model_dir):
 def test_malformed_jsonl_names_file_and_line(tmp_path, model_dir, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps(chats(1)[0]) + "\n{not json\n")
-    code = main(["train", "--model", model_dir, "--dataset", str(data), "--output_dir", str(tmp_path / "o")])
+    code = main(
+        ["train", "--model", model_dir, "--dataset", str(data), "--output_dir", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert f"{data}, row 2: malformed JSON" in err and "Traceback" not in err
 
 
 def test_bad_row_in_file_names_file_row_and_field(tmp_path, model_dir, capsys):
-    rows = chats(2) + [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]}]
+    rows = chats(2) + [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]}
+    ]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    code = main(["train", "--model", model_dir, "--dataset", str(data), "--output_dir", str(tmp_path / "o")])
+    code = main(
+        ["train", "--model", model_dir, "--dataset", str(data), "--output_dir", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert f"{data}, row 3, field 'messages[1].content': content must be a string" in err
@@ -89,7 +107,9 @@ def test_help_lists_the_commands():
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_config_loads(path):
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# chatsft ") or first.startswith("# accelerate "), "first line: the command"
+    assert first.startswith("# chatsft ") or first.startswith("# accelerate "), (
+        "first line: the command"
+    )
     # bf16 is checked against the hardware when SFTConfig is built; this CPU machine has none.
     run = load_run_config(str(path), ["--bf16", "false"])
     assert run.model and run.dataset

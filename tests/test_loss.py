@@ -46,13 +46,18 @@ def test_packed_equals_unpacked(tokenizer):
     packed_ds = pack_dataset(ds, max_length=256)
     assert len(packed_ds) < len(ds)
     flat = PaddingFreeCollator()([packed_ds[i] for i in range(len(packed_ds))])
-    a, _ = supervised_loss(model, {k: v for k, v in padded.items() if k != "labels"}, padded["labels"])
+    a, _ = supervised_loss(
+        model, {k: v for k, v in padded.items() if k != "labels"}, padded["labels"]
+    )
     b, _ = supervised_loss(model, {k: v for k, v in flat.items() if k != "labels"}, flat["labels"])
     assert a.num_tokens == b.num_tokens
     torch.testing.assert_close(a.loss_sum, b.loss_sum, rtol=1e-5, atol=1e-4)
     w = model.model.layers[0].self_attn.q_proj.weight
     torch.testing.assert_close(
-        torch.autograd.grad(a.loss_sum, w)[0], torch.autograd.grad(b.loss_sum, w)[0], rtol=1e-4, atol=1e-5
+        torch.autograd.grad(a.loss_sum, w)[0],
+        torch.autograd.grad(b.loss_sum, w)[0],
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
@@ -81,9 +86,16 @@ def _train_once(tokenizer, tmp_path, batch, accum, packing=False):
         padding_free=packing,
         seed=3,
     )
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=datasets.Dataset.from_list(chats(8, seed=5)), processing_class=tokenizer)
+    trainer = SFTTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=datasets.Dataset.from_list(chats(8, seed=5)),
+        processing_class=tokenizer,
+    )
     # Fixed order, so every run sees the same 8 examples in the step.
-    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(
+        trainer.train_dataset
+    )
     trainer.train()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 

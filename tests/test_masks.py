@@ -57,7 +57,9 @@ def test_messages_assistant_only_multi_turn(tokenizer):
 
 
 def test_messages_default_trains_all_tokens(tokenizer):
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    ]
     ds, _ = prepare(rows, tokenizer)
     assert all(ds[0]["trained_mask"])
 
@@ -81,19 +83,25 @@ def test_prompt_completion_conversational(tokenizer):
     ds, _ = prepare(rows, tokenizer)
     assert trained_text(tokenizer, ds[0]) == ["yo<|im_end|>"]
     # The model sees exactly the inference-time prompt: template with generation prompt.
-    prompt = tokenizer.apply_chat_template(rows[0]["prompt"], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        rows[0]["prompt"], tokenize=False, add_generation_prompt=True
+    )
     n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     assert ds[0]["input_ids"][:n_prompt] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert not any(ds[0]["trained_mask"][:n_prompt])
 
 
 def test_labels_pin_exact_positions(tokenizer):
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    ]
     ds, _ = prepare(rows, tokenizer, assistant_only_loss=True)
     batch = PaddedCollator(tokenizer.pad_token_id)([ds[0]])
     ids = ds[0]["input_ids"]
     yo = tokenizer("yo", add_special_tokens=False)["input_ids"]
-    expected = [IGNORE_INDEX] * (len(ids) - len(yo) - 2) + yo + [tokenizer.eos_token_id, IGNORE_INDEX]
+    expected = (
+        [IGNORE_INDEX] * (len(ids) - len(yo) - 2) + yo + [tokenizer.eos_token_id, IGNORE_INDEX]
+    )
     assert batch["labels"][0].tolist() == expected
 
 
@@ -126,7 +134,10 @@ def test_example_left_without_trained_tokens_is_dropped(tokenizer):
     long_prompt = [{"role": "user", "content": "the cat sat on a mat " * 10}]
     rows = [
         {"prompt": long_prompt, "completion": [{"role": "assistant", "content": "yo"}]},
-        {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]},
+        {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "completion": [{"role": "assistant", "content": "yo"}],
+        },
     ]
     ds, stats = prepare(rows, tokenizer, max_length=20)
     assert stats.kept == 1 and stats.dropped == {"no trained token left": 1}
@@ -136,6 +147,11 @@ def test_example_left_without_trained_tokens_is_dropped(tokenizer):
 def test_every_row_dropped_is_an_error(tokenizer, policy):
     from chatsft import ChatSFTError
 
-    rows = [{"prompt": [{"role": "user", "content": "the cat " * 30}], "completion": [{"role": "assistant", "content": "yo"}]}]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "the cat " * 30}],
+            "completion": [{"role": "assistant", "content": "yo"}],
+        }
+    ]
     with pytest.raises(ChatSFTError, match="every row"):
         prepare(rows, tokenizer, max_length=10, overlong_policy=policy)

@@ -36,7 +36,13 @@ def test_trl_quickstart_pattern_on_a_local_model(tmp_path, model_dir):
         assert p.requires_grad
         assert not torch.equal(before[name], p.detach()), f"{name} did not change"
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert {"loss", "learning_rate", "grad_norm", "num_trained_tokens", "mean_token_accuracy"} <= set(logs[-1])
+    assert {
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "num_trained_tokens",
+        "mean_token_accuracy",
+    } <= set(logs[-1])
     assert logs[-1]["num_trained_tokens"] > logs[0]["num_trained_tokens"] > 0
 
 
@@ -51,7 +57,10 @@ def test_saved_folder_reloads_with_plain_transformers_and_generates(tmp_path, mo
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template and "im_start" in tok.chat_template
     prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": "hi"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     gen = model.generate(**prompt, max_new_tokens=3, do_sample=False)
     assert gen.shape[1] > prompt["input_ids"].shape[1]
@@ -64,7 +73,12 @@ def test_model_object_tokenizer_kwarg_and_plain_training_arguments(tmp_path, tok
     targs = TrainingArguments(
         output_dir=str(tmp_path / "o"), max_steps=1, per_device_train_batch_size=2, report_to="none"
     )
-    trainer = SFTTrainer(model=model, args=targs, tokenizer=tokenizer, train_dataset=datasets.Dataset.from_list(chats(4)))
+    trainer = SFTTrainer(
+        model=model,
+        args=targs,
+        tokenizer=tokenizer,
+        train_dataset=datasets.Dataset.from_list(chats(4)),
+    )
     assert isinstance(trainer.args, SFTConfig) and trainer.args.max_steps == 1
     trainer.train()
 
@@ -83,7 +97,10 @@ def test_plain_torch_module(tmp_path, tokenizer):
     model = PlainLM(len(tokenizer))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = SFTTrainer(
-        model=model, args=args(tmp_path), processing_class=tokenizer, train_dataset=datasets.Dataset.from_list(chats(8))
+        model=model,
+        args=args(tmp_path),
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_list(chats(8)),
     )
     trainer.train()
     for name, p in model.named_parameters():
@@ -92,7 +109,11 @@ def test_plain_torch_module(tmp_path, tokenizer):
 
 def test_plain_module_needs_a_tokenizer(tmp_path, tokenizer):
     with pytest.raises(ChatSFTError, match="processing_class"):
-        SFTTrainer(model=PlainLM(10), args=args(tmp_path), train_dataset=datasets.Dataset.from_list(chats(2)))
+        SFTTrainer(
+            model=PlainLM(10),
+            args=args(tmp_path),
+            train_dataset=datasets.Dataset.from_list(chats(2)),
+        )
 
 
 def test_formatting_func_and_eval_dict(tmp_path, model_dir):
@@ -115,16 +136,33 @@ def test_formatting_func_and_eval_dict(tmp_path, model_dir):
 
 def test_bad_rows_name_row_and_field(tmp_path, model_dir):
     bad = [
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]}, "row 2, field 'messages\\[1\\].role'"),
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}, "row 2, field 'messages\\[1\\].content'"),
-        ({"messages": [{"role": "user", "content": "hi"}]}, "row 2, field 'messages': conversation has no assistant"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]},
+            "row 2, field 'messages\\[1\\].role'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+            "row 2, field 'messages\\[1\\].content'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}]},
+            "row 2, field 'messages': conversation has no assistant",
+        ),
     ]
     good = chats(1)[0]
     for row, match in bad:
         with pytest.raises(ChatSFTError, match=match):
-            SFTTrainer(model=model_dir, args=args(tmp_path), train_dataset=datasets.Dataset.from_list([good, row]))
+            SFTTrainer(
+                model=model_dir,
+                args=args(tmp_path),
+                train_dataset=datasets.Dataset.from_list([good, row]),
+            )
 
 
 def test_unknown_columns_list_what_was_found(tmp_path, model_dir):
     with pytest.raises(ChatSFTError, match=r"\['foo'\].*'messages'"):
-        SFTTrainer(model=model_dir, args=args(tmp_path), train_dataset=datasets.Dataset.from_list([{"foo": "x"}]))
+        SFTTrainer(
+            model=model_dir,
+            args=args(tmp_path),
+            train_dataset=datasets.Dataset.from_list([{"foo": "x"}]),
+        )

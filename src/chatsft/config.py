@@ -57,7 +57,9 @@ class SFTConfig(TrainingArguments):
     )
     dataset_kwargs: dict[str, Any] | None = field(
         default=None,
-        metadata={"help": "Extra options for dataset preparation (TRL compatibility; unused keys warn)."},
+        metadata={
+            "help": "Extra options for dataset preparation (TRL compatibility; unused keys warn)."
+        },
     )
     dataset_num_proc: int | None = field(
         default=None, metadata={"help": "Processes for tokenizing the dataset (default: one)."}
@@ -118,8 +120,11 @@ class SFTConfig(TrainingArguments):
     )
     report_to: None | str | list[str] = field(
         default="none",
-        metadata={"help": "Where to report metrics (e.g. 'wandb', 'tensorboard'); 'none' by default."},
+        metadata={
+            "help": "Where to report metrics (e.g. 'wandb', 'tensorboard'); 'none' by default."
+        },
     )
+
     def __post_init__(self) -> None:
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(

@@ -109,5 +109,7 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> Run
     try:
         sft = SFTConfig(**values)
     except (TypeError, ValueError) as err:
-        raise ChatSFTError(f"invalid training setting: {err}", source=path or "command line") from None
+        raise ChatSFTError(
+            f"invalid training setting: {err}", source=path or "command line"
+        ) from None
     return RunConfig(sft=sft, **run)

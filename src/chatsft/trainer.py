@@ -22,7 +22,14 @@ from .model.load import apply_peft, load_model, load_tokenizer
 from .model.loss import supervised_loss
 
 CONFIG_FILE = "training_config.yaml"
-PREPARED_COLUMNS = ("input_ids", "trained_mask", "seq_lengths", "labels", "attention_mask", "position_ids")
+PREPARED_COLUMNS = (
+    "input_ids",
+    "trained_mask",
+    "seq_lengths",
+    "labels",
+    "attention_mask",
+    "position_ids",
+)
 
 
 def as_sft_config(args: TrainingArguments | None) -> SFTConfig:
@@ -107,7 +114,9 @@ class SFTTrainer(Trainer):
             packing=args.packing, formatting_func=formatting_func, num_proc=args.dataset_num_proc
         )
         if train_dataset is not None:
-            train_dataset = self._prepare(train_dataset, tokenizer, opts, "train", args, prep_kwargs)
+            train_dataset = self._prepare(
+                train_dataset, tokenizer, opts, "train", args, prep_kwargs
+            )
         if isinstance(eval_dataset, dict):
             eval_dataset = {
                 key: self._prepare(ds, tokenizer, opts, f"eval_{key}", args, prep_kwargs)
@@ -138,9 +147,7 @@ class SFTTrainer(Trainer):
         self.num_trained_tokens = 0
 
     def _prepare(self, dataset, tokenizer, opts, name, args, prep_kwargs):
-        prepared, stats = prepare_for_training(
-            dataset, tokenizer, opts, name=name, **prep_kwargs
-        )
+        prepared, stats = prepare_for_training(dataset, tokenizer, opts, name=name, **prep_kwargs)
         if stats is not None:
             self.prep_stats[name] = stats
             if args.process_index == 0:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from ..errors import ChatSFTError
 
@@ -34,7 +34,7 @@ class PromptCompletion:
     completion: str | list[dict[str, Any]]
 
 
-Example = Union[Text, Conversation, PromptCompletion]
+Example = Text | Conversation | PromptCompletion
 
 
 def detect_format(
@@ -104,9 +104,7 @@ def _check_messages(messages: Any, row: int, field: str, source: str | None) -> 
                 field=f"{where}.content",
             )
         if content is not None and not content.strip() and not has_calls:
-            raise ChatSFTError(
-                "content is empty", source=source, row=row, field=f"{where}.content"
-            )
+            raise ChatSFTError("content is empty", source=source, row=row, field=f"{where}.content")
         # Arrow fills absent keys of a struct column with None; templates test keys with `in`.
         out.append({k: v for k, v in m.items() if v is not None})
     return out

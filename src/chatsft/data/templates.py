@@ -105,9 +105,7 @@ def render_segments(
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        turn_segs, pos = _turn_segments(
-            tokenizer, msgs[:i], [m], full, pos, tools, eos_token, i
-        )
+        turn_segs, pos = _turn_segments(tokenizer, msgs[:i], [m], full, pos, tools, eos_token, i)
         segs += turn_segs
     if pos < len(full):
         segs.append((full[pos:], False))

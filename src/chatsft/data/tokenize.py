@@ -110,7 +110,9 @@ def _tokenize_batch(
             assistant_only_loss=opts.assistant_only_loss,
             completion_only_loss=opts.completion_only_loss,
         )
-        is_plain.append(isinstance(example, Text) or isinstance(getattr(example, "prompt", None), str))
+        is_plain.append(
+            isinstance(example, Text) or isinstance(getattr(example, "prompt", None), str)
+        )
         all_segments += segs
         owners += [j] * len(segs)
     # One tokenizer call for every segment of the batch: the Rust tokenizer parallelises it.

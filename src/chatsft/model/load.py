@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from ..errors import ChatSFTError
 
 
-def load_model(model: str | torch.nn.Module, init_kwargs: dict[str, Any] | None = None) -> torch.nn.Module:
+def load_model(
+    model: str | torch.nn.Module, init_kwargs: dict[str, Any] | None = None
+) -> torch.nn.Module:
     """A hub id or local folder → AutoModelForCausalLM; a module is used as it is."""
     if isinstance(model, torch.nn.Module):
         return model
@@ -30,7 +32,9 @@ def load_model(model: str | torch.nn.Module, init_kwargs: dict[str, Any] | None 
     try:
         return AutoModelForCausalLM.from_pretrained(model, **kwargs)
     except OSError as err:  # not found on the hub, offline, no weights file
-        raise ChatSFTError(f"could not load the model: {err}", source=model, field="model") from None
+        raise ChatSFTError(
+            f"could not load the model: {err}", source=model, field="model"
+        ) from None
 
 
 def check_model_ref(ref: str) -> None:
@@ -54,7 +58,9 @@ def tokenizer_source(model_arg: str | torch.nn.Module) -> str | None:
     if isinstance(model_arg, str):
         return model_arg
     if isinstance(model_arg, PreTrainedModel):
-        name = getattr(model_arg.config, "_name_or_path", "") or getattr(model_arg, "name_or_path", "")
+        name = getattr(model_arg.config, "_name_or_path", "") or getattr(
+            model_arg, "name_or_path", ""
+        )
         return name or None
     return None
 
