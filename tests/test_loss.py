@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datasets
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import chats, make_model
@@ -12,6 +13,7 @@ from chatsft.data.collate import PaddedCollator, PaddingFreeCollator
 from chatsft.data.packing import best_fit_decreasing, pack_dataset
 from chatsft.data.prepare import prepare_for_training
 from chatsft.data.tokenize import PrepOptions
+from chatsft.model.attention import use_document_attention
 from chatsft.model.loss import supervised_loss
 
 
@@ -38,9 +40,13 @@ def test_loss_matches_full_logit_cross_entropy(tokenizer):
     assert parts.num_tokens == (labels[:, 1:] != -100).sum()
 
 
-def test_packed_equals_unpacked(tokenizer):
-    """Same documents, padded rows vs one padding-free packed row: same summed loss and gradient."""
+@pytest.mark.parametrize("attention", ["sdpa", "document"])
+def test_packed_equals_unpacked(tokenizer, attention):
+    """Same documents, padded rows vs one padding-free packed row: same summed loss and gradient,
+    with transformers' dense-mask SDPA and with chatsft's per-document attention."""
     model = make_model(tokenizer)
+    if attention == "document":
+        assert "document-isolated" in use_document_attention(model)
     ds = prepared(tokenizer)
     padded = PaddedCollator(tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
     packed_ds = pack_dataset(ds, max_length=256)

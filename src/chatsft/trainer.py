@@ -18,6 +18,7 @@ from .data.collate import PaddedCollator, PaddingFreeCollator
 from .data.prepare import prepare_for_training
 from .data.tokenize import PrepOptions
 from .errors import ChatSFTError
+from .model.attention import use_document_attention
 from .model.load import apply_peft, load_model, load_tokenizer
 from .model.loss import supervised_loss
 
@@ -124,10 +125,14 @@ class SFTTrainer(Trainer):
             }
         elif eval_dataset is not None:
             eval_dataset = self._prepare(eval_dataset, tokenizer, opts, "eval", args, prep_kwargs)
+        if data_collator is None:
+            data_collator = default_collator(args, model, tokenizer)
+            if isinstance(data_collator, PaddingFreeCollator):
+                self._say(args, use_document_attention(model))
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator or default_collator(args, model, tokenizer),
+            data_collator=data_collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
@@ -150,9 +155,13 @@ class SFTTrainer(Trainer):
         prepared, stats = prepare_for_training(dataset, tokenizer, opts, name=name, **prep_kwargs)
         if stats is not None:
             self.prep_stats[name] = stats
-            if args.process_index == 0:
-                print(stats.summary(name), flush=True)
+            self._say(args, stats.summary(name))
         return prepared
+
+    @staticmethod
+    def _say(args: SFTConfig, line: str | None) -> None:
+        if line and args.process_index == 0:
+            print(line if line.startswith("[chatsft]") else f"[chatsft] {line}", flush=True)
 
     def _set_signature_columns_if_needed(self) -> None:
         # The Trainer would drop columns the model's forward does not name (trained_mask,

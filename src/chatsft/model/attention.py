@@ -1,0 +1,131 @@
+"""Document-isolated attention for padding-free / packed rows, without a dense N×N mask.
+
+A padding-free row holds several documents back to back ([1, total_tokens]); `cu_seq_lens_q` gives
+their boundaries (the collator sends it, or it is derived from position_ids restarting at 0). The
+stock SDPA path would build a [total, total] boolean mask for that; instead each document runs its
+own causal attention:
+- flash-attn's varlen kernel on CUDA when the optional extra is installed;
+- otherwise one causal SDPA call per document (on CPU this is PyTorch's fused flash kernel, with a
+  backward pass, unlike FlexAttention on CPU).
+Everything else (padded batches, generation with a KV cache) goes to transformers' SDPA unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_NAME = "chatsft_docs"
+HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """[1, T] positions restarting at 0 per document → [num_docs + 1] int32 boundaries."""
+    starts = torch.nonzero(position_ids[0] == 0).flatten()
+    total = torch.tensor([position_ids.shape[1]], device=position_ids.device)
+    return torch.cat([starts, total]).to(torch.int32)
+
+
+def _per_document_sdpa(query, key, value, cu: list[int], scaling, dropout) -> torch.Tensor:
+    gqa = key.shape[1] != query.shape[1]
+    outs = [
+        F.scaled_dot_product_attention(
+            query[:, :, s:e],
+            key[:, :, s:e],
+            value[:, :, s:e],
+            is_causal=True,
+            scale=scaling,
+            dropout_p=dropout,
+            enable_gqa=gqa,
+        )
+        for s, e in zip(cu[:-1], cu[1:])
+    ]
+    return torch.cat(outs, dim=2)
+
+
+def _flash_varlen(query, key, value, cu: torch.Tensor, max_len: int, scaling, dropout):
+    from flash_attn import flash_attn_varlen_func
+
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, dim]
+    out = flash_attn_varlen_func(
+        q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scaling, causal=True
+    )
+    return out.transpose(0, 1).unsqueeze(0)
+
+
+def document_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query [batch, heads, T, dim] → output [batch, T, heads, dim], as transformers expects."""
+    cu = kwargs.get("cu_seq_lens_q")
+    single_row = query.shape[0] == 1 and query.shape[2] == key.shape[2]
+    if cu is None and single_row and attention_mask is None:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None and position_ids.shape[0] == 1:
+            cu = cu_seqlens_from_position_ids(position_ids)
+    if cu is None or attention_mask is not None or not single_row:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
+    dropout = dropout if module.training else 0.0
+    if HAS_FLASH_ATTN and query.is_cuda:
+        max_len = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
+        out = _flash_varlen(query, key, value, cu.to(torch.int32), max_len, scaling, dropout)
+    else:
+        out = _per_document_sdpa(query, key, value, cu.tolist(), scaling, dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def document_mask(*args, **kwargs):
+    """No mask for a padding-free row (the attention separates documents itself); the usual SDPA
+    mask whenever there is padding or a cache offset."""
+    q_length = kwargs.get("q_length")
+    no_offsets = not kwargs.get("q_offset") and not kwargs.get("kv_offset")
+    if kwargs.get("attention_mask") is None and no_offsets and q_length == kwargs.get("kv_length"):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(ATTN_NAME, document_attention)
+AttentionMaskInterface.register(ATTN_NAME, document_mask)
+
+
+def use_document_attention(model: torch.nn.Module) -> str | None:
+    """Switch an SDPA/eager transformers model to document attention. Returns a line for the log,
+    or None if the model keeps its own implementation (flash-attn handles packed rows natively)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, PreTrainedModel):
+        return None
+    config = base.config
+    current = config._attn_implementation
+    if current not in ("sdpa", "eager", None):
+        return f"attention: {current} (handles packed rows through position_ids)"
+    special = "sliding_attention" in (getattr(config, "layer_types", None) or []) or getattr(
+        config, "attn_logit_softcapping", None
+    )
+    if special:
+        # Sliding windows and soft-capping are not implemented per document: keep transformers'
+        # own path, which isolates packed documents with a dense mask (correct, slower).
+        return f"attention: {current} with a dense document mask (model uses windows/soft-capping)"
+    base.set_attn_implementation(ATTN_NAME)
+    kernel = "flash-attn varlen" if HAS_FLASH_ATTN else "one causal SDPA call per document"
+    return f"attention: document-isolated, {kernel}; no dense mask over packed rows"
+
+
+def restore_attention(model: torch.nn.Module, implementation: str) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if isinstance(base, PreTrainedModel) and base.config._attn_implementation == ATTN_NAME:
+        base.set_attn_implementation(implementation)
