@@ -58,7 +58,8 @@ class SFTConfig(TrainingArguments):
     dataset_kwargs: dict[str, Any] | None = field(
         default=None,
         metadata={
-            "help": "Extra options for dataset preparation (TRL compatibility; unused keys warn)."
+            "help": "TRL compatibility: {'skip_prepare_dataset': True} hands the raw dataset to your "
+            "data_collator; other keys are not used (a warning names them)."
         },
     )
     dataset_num_proc: int | None = field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -110,15 +111,29 @@ class SFTTrainer(Trainer):
         )
         model = apply_peft(load_model(model, args.model_init_kwargs), peft_config)
         self.prep_stats: dict[str, Any] = {}
+        extra = dict(args.dataset_kwargs or {})
+        skip_prepare = bool(extra.pop("skip_prepare_dataset", False))
+        if extra:
+            warnings.warn(
+                f"dataset_kwargs {sorted(extra)} are not used by chatsft; remove them", stacklevel=2
+            )
+        if skip_prepare and data_collator is None:
+            raise ChatSFTError(
+                "skip_prepare_dataset needs your own data_collator",
+                field="dataset_kwargs",
+                hint="pass data_collator, or let chatsft prepare the data",
+            )
         opts = prep_options(args, tokenizer)
         prep_kwargs = dict(
             packing=args.packing, formatting_func=formatting_func, num_proc=args.dataset_num_proc
         )
-        if train_dataset is not None:
+        if train_dataset is not None and not skip_prepare:
             train_dataset = self._prepare(
                 train_dataset, tokenizer, opts, "train", args, prep_kwargs
             )
-        if isinstance(eval_dataset, dict):
+        if skip_prepare:
+            pass
+        elif isinstance(eval_dataset, dict):
             eval_dataset = {
                 key: self._prepare(ds, tokenizer, opts, f"eval_{key}", args, prep_kwargs)
                 for key, ds in eval_dataset.items()
