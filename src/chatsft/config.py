@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-OVERLONG_POLICIES = ("truncate", "drop", "error")
+OVERLONG_POLICIES = ("truncate", "drop", "split", "error")
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
 
@@ -51,8 +51,24 @@ class SFTConfig(TrainingArguments):
     dataset_format: str | None = field(
         default=None,
         metadata={
-            "help": "Force the row format: text | messages | prompt_completion. Default: detect it "
-            "from the columns."
+            "help": "Force the row format: text | messages | sharegpt | prompt_completion | "
+            "query_response | tokenized. Default: detect it from the columns."
+        },
+    )
+    column_map: dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "Rename columns before format detection, e.g. {'question': 'query', "
+            "'answer': 'response'}."
+        },
+    )
+    prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "query/response rows: a Python format string for the prompt, e.g. "
+            "'question: {query} answer: ' (the response follows) or 'query: {query} response: "
+            "{response}'. The response and EOS are trained. Without it, query/response rows are "
+            "rendered as a one-turn chat with the chat template."
         },
     )
     dataset_kwargs: dict[str, Any] | None = field(
@@ -69,6 +85,9 @@ class SFTConfig(TrainingArguments):
         default=1024,
         metadata={"help": "Longest tokenized example (or packed row). None: no limit."},
     )
+    max_len: int | None = field(
+        default=None, metadata={"help": "Alias of max_length; when set it wins."}
+    )
     truncation_mode: str = field(
         default="keep_start",
         metadata={"help": "Which end survives truncation: keep_start | keep_end."},
@@ -76,9 +95,14 @@ class SFTConfig(TrainingArguments):
     overlong_policy: str = field(
         default="truncate",
         metadata={
-            "help": "What to do with examples longer than max_length: truncate | drop | error. "
-            "Every dropped or cut example is counted in the preparation summary."
+            "help": "What to do with examples longer than max_length: truncate | drop | split "
+            "(consecutive pieces of max_length) | error. Every dropped, cut or split example is "
+            "counted in the preparation summary."
         },
+    )
+    truncate_longer_inputs: bool | None = field(
+        default=None,
+        metadata={"help": "False is the same as overlong_policy='drop'; True as 'truncate'."},
     )
     completion_only_loss: bool | None = field(
         default=None,
@@ -92,6 +116,12 @@ class SFTConfig(TrainingArguments):
         metadata={
             "help": "Conversations: train only on assistant turns (their end-of-turn token included). "
             "Works with any prefix-preserving chat template, no {% generation %} markers needed."
+        },
+    )
+    last_turn_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Conversations: train only the last assistant turn (earlier turns are context)."
         },
     )
     packing: bool = field(
@@ -127,6 +157,10 @@ class SFTConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.max_len is not None:
+            self.max_length = self.max_len
+        if self.truncate_longer_inputs is not None:
+            self.overlong_policy = "truncate" if self.truncate_longer_inputs else "drop"
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(
                 f"max_length must be a positive integer or None, got {self.max_length}"

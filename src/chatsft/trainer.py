@@ -51,6 +51,8 @@ def prep_options(args: SFTConfig, tokenizer: Any) -> PrepOptions:
         dataset_format=args.dataset_format,
         assistant_only_loss=args.assistant_only_loss,
         completion_only_loss=args.completion_only_loss,
+        last_turn_only=args.last_turn_only,
+        prompt_template=args.prompt_template,
         max_length=args.max_length,
         truncation_mode=args.truncation_mode,
         overlong_policy=args.overlong_policy,
@@ -125,7 +127,10 @@ class SFTTrainer(Trainer):
             )
         opts = prep_options(args, tokenizer)
         prep_kwargs = dict(
-            packing=args.packing, formatting_func=formatting_func, num_proc=args.dataset_num_proc
+            packing=args.packing,
+            formatting_func=formatting_func,
+            num_proc=args.dataset_num_proc,
+            column_map=args.column_map,
         )
         if train_dataset is not None and not skip_prepare:
             train_dataset = self._prepare(

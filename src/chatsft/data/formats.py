@@ -12,7 +12,20 @@ from typing import Any
 from ..errors import ChatSFTError
 
 ROLES = ("system", "user", "assistant", "tool")
-FORMATS = ("text", "messages", "prompt_completion")
+FORMATS = ("text", "messages", "sharegpt", "prompt_completion", "query_response", "tokenized")
+# ShareGPT speaker names → chat roles.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function_response": "tool",
+    "observation": "tool",
+}
 
 
 @dataclass(frozen=True)
@@ -27,6 +40,14 @@ class Conversation:
 
 
 @dataclass(frozen=True)
+class Tokenized:
+    """Pre-tokenized rows: ids as given, trained where the labels/masks say."""
+
+    input_ids: list[int]
+    trained_mask: list[bool]
+
+
+@dataclass(frozen=True)
 class PromptCompletion:
     """`prompt`/`completion` are both strings, or both lists of messages."""
 
@@ -34,7 +55,7 @@ class PromptCompletion:
     completion: str | list[dict[str, Any]]
 
 
-Example = Text | Conversation | PromptCompletion
+Example = Text | Conversation | PromptCompletion | Tokenized
 
 
 def detect_format(
@@ -50,15 +71,22 @@ def detect_format(
     cols = set(columns)
     if "messages" in cols:
         return "messages"
+    if "conversations" in cols:
+        return "sharegpt"
     if {"prompt", "completion"} <= cols:
         return "prompt_completion"
+    if {"query", "response"} <= cols:
+        return "query_response"
+    if "input_ids" in cols:
+        return "tokenized"
     if dataset_text_field in cols:
         return "text"
     raise ChatSFTError(
         f"cannot tell the data format from the columns {sorted(cols)}",
         hint=(
-            f"expected a '{dataset_text_field}' column (text; see dataset_text_field), a 'messages' "
-            "column (chat), or 'prompt' and 'completion' columns; or pass formatting_func"
+            f"expected a '{dataset_text_field}' column (text; see dataset_text_field), 'messages' "
+            "(chat), 'conversations' (ShareGPT), 'prompt' + 'completion', 'query' + 'response' "
+            "(rename yours with column_map), or 'input_ids'; or pass formatting_func"
         ),
     )
 
@@ -127,8 +155,16 @@ def normalize(
     row_index: int,
     source: str | None = None,
     dataset_text_field: str = "text",
+    prompt_template: str | None = None,
 ) -> Example:
     """Turn one raw row into a validated Example."""
+    if fmt == "sharegpt":
+        row = {"messages": _sharegpt_messages(row.get("conversations"), row_index, source)}
+        fmt = "messages"
+    if fmt == "query_response":
+        return _query_response(row, prompt_template, row_index, source)
+    if fmt == "tokenized":
+        return _tokenized(row, row_index, source)
     if fmt == "text":
         return Text(_check_text(row.get(dataset_text_field), row_index, dataset_text_field, source))
     if fmt == "messages":
@@ -172,3 +208,78 @@ def apply_formatting_func(
         row=row_index,
         hint="return a string or a list of {role, content} messages",
     )
+
+
+def _sharegpt_messages(turns: Any, row: int, source: str | None) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise ChatSFTError(
+            "expected a non-empty list of {from, value} turns",
+            source=source,
+            row=row,
+            field="conversations",
+        )
+    out = []
+    for i, turn in enumerate(turns):
+        speaker = turn.get("from") if isinstance(turn, Mapping) else None
+        if speaker not in SHAREGPT_ROLES:
+            raise ChatSFTError(
+                f"unknown speaker {speaker!r}",
+                source=source,
+                row=row,
+                field=f"conversations[{i}].from",
+                hint=f"speakers are {', '.join(sorted(SHAREGPT_ROLES))}",
+            )
+        out.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
+    return out
+
+
+def _query_response(
+    row: Mapping[str, Any], template: str | None, row_index: int, source: str | None
+) -> PromptCompletion:
+    query = _check_text(row.get("query"), row_index, "query", source)
+    response = _check_text(row.get("response"), row_index, "response", source)
+    if template is None:
+        # No prompt template: a one-turn chat through the tokenizer's chat template.
+        return PromptCompletion(
+            [{"role": "user", "content": query}], [{"role": "assistant", "content": response}]
+        )
+    head, _, tail = template.partition("{response}")
+    values = {**row, "query": query, "response": response}
+    try:
+        return PromptCompletion(head.format(**values), response + tail.format(**values))
+    except (KeyError, IndexError, ValueError) as err:
+        raise ChatSFTError(
+            f"prompt_template {template!r} could not be filled ({type(err).__name__}: {err})",
+            source=source,
+            row=row_index,
+            field="prompt_template",
+            hint="use {query}, {response} or other column names in braces",
+        ) from None
+
+
+def _tokenized(row: Mapping[str, Any], row_index: int, source: str | None) -> Tokenized:
+    ids = row.get("input_ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+        raise ChatSFTError(
+            "expected a non-empty list of token ids",
+            source=source,
+            row=row_index,
+            field="input_ids",
+        )
+    if row.get("labels") is not None:
+        mask = [label != -100 for label in row["labels"]]
+        name = "labels"
+    elif row.get("completion_mask") is not None:
+        mask, name = [bool(m) for m in row["completion_mask"]], "completion_mask"
+    elif row.get("assistant_masks") is not None:
+        mask, name = [bool(m) for m in row["assistant_masks"]], "assistant_masks"
+    else:
+        mask, name = [True] * len(ids), "input_ids"
+    if len(mask) != len(ids):
+        raise ChatSFTError(
+            f"has {len(mask)} entries but input_ids has {len(ids)}",
+            source=source,
+            row=row_index,
+            field=name,
+        )
+    return Tokenized(list(ids), mask)

@@ -7,6 +7,7 @@ from typing import Any
 
 import datasets
 
+from ..errors import ChatSFTError
 from .packing import pack_dataset
 from .tokenize import PrepOptions, PrepStats, prepare_dataset
 
@@ -24,12 +25,23 @@ def prepare_for_training(
     packing: bool = False,
     formatting_func: Callable | None = None,
     num_proc: int | None = None,
+    column_map: dict[str, str] | None = None,
     source: str | None = None,
     name: str = "train",
 ) -> tuple[datasets.Dataset, PrepStats | None]:
     """Returns the dataset ready for a chatsft collator and what preparation did (None if the
     dataset was already prepared)."""
     stats = None
+    if column_map:
+        missing = sorted(set(column_map) - set(dataset.column_names))
+        if missing:
+            raise ChatSFTError(
+                f"column_map names columns {missing} that the {name} data does not have "
+                f"(it has {sorted(dataset.column_names)})",
+                source=source,
+                field="column_map",
+            )
+        dataset = dataset.rename_columns(column_map)
     if not is_prepared(dataset):
         dataset, stats = prepare_dataset(
             dataset,

@@ -73,6 +73,7 @@ def render_segments(
     eos_token: str,
     assistant_only_loss: bool = False,
     completion_only_loss: bool | None = None,
+    last_turn_only: bool = False,
 ) -> list[Segment]:
     """Render an example as (text, trained) segments whose concatenation is the full training text."""
     if isinstance(example, Text):
@@ -98,14 +99,15 @@ def render_segments(
     assert isinstance(example, Conversation)
     msgs, tools = example.messages, example.tools
     full = _render(tokenizer, msgs, tools, False)
-    if not assistant_only_loss:
+    if not (assistant_only_loss or last_turn_only):
         return [(full, True)]
     segs: list[Segment] = []
     pos = 0
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        turn_segs, pos = _turn_segments(tokenizer, msgs[:i], [m], full, pos, tools, eos_token, i)
+    turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    for i in turns[-1:] if last_turn_only else turns:
+        turn_segs, pos = _turn_segments(
+            tokenizer, msgs[:i], [msgs[i]], full, pos, tools, eos_token, i
+        )
         segs += turn_segs
     if pos < len(full):
         segs.append((full[pos:], False))

@@ -14,9 +14,10 @@ from typing import Any
 import datasets
 
 from ..errors import ChatSFTError
-from .formats import Text, apply_formatting_func, detect_format, normalize
+from .formats import Text, Tokenized, apply_formatting_func, detect_format, normalize
 from .templates import render_segments
 
+OVERLONG_POLICIES = ("truncate", "drop", "split", "error")
 DROP_TOO_LONG = "longer than max_length"
 DROP_NO_TRAINED = "no trained token left"
 
@@ -29,6 +30,7 @@ class PrepStats:
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
+    split: int = 0  # examples cut into several rows by overlong_policy="split"
     total_tokens: int = 0
     trained_tokens: int = 0
 
@@ -36,8 +38,9 @@ class PrepStats:
         dropped = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "0"
         return (
             f"[chatsft] {name} data: {self.rows_read} rows read, {self.kept} kept, dropped: "
-            f"{dropped}; {self.truncated} truncated; {self.total_tokens} tokens, "
-            f"{self.trained_tokens} trained"
+            f"{dropped}; {self.truncated} truncated"
+            + (f", {self.split} split" if self.split else "")
+            + f"; {self.total_tokens} tokens, {self.trained_tokens} trained"
         )
 
 
@@ -50,6 +53,8 @@ class PrepOptions:
     dataset_format: str | None = None
     assistant_only_loss: bool = False
     completion_only_loss: bool | None = None
+    last_turn_only: bool = False
+    prompt_template: str | None = None
     max_length: int | None = None
     truncation_mode: str = "keep_start"
     overlong_policy: str = "truncate"
@@ -64,21 +69,29 @@ def special_prefix_ids(tokenizer: Any) -> list[int]:
 
 def fit_length(
     ids: list[int], mask: list[bool], max_length: int | None, policy: str, mode: str
-) -> tuple[list[int], list[bool], str]:
-    """Apply the over-long policy. Returns ids, mask and one of '', 'truncated' or a drop reason."""
+) -> tuple[list[tuple[list[int], list[bool]]], str]:
+    """Apply the over-long policy. Returns the resulting rows and '', 'truncated', 'split' or a
+    drop reason."""
     if max_length is None or len(ids) <= max_length:
-        return ids, mask, ""
+        return [(ids, mask)], ""
     if policy == "drop":
-        return ids, mask, DROP_TOO_LONG
+        return [], DROP_TOO_LONG
     if policy == "error":
         raise ChatSFTError(
             f"example has {len(ids)} tokens, more than max_length={max_length}",
             field="max_length",
-            hint="raise max_length, or set overlong_policy to truncate or drop",
+            hint="raise max_length, or set overlong_policy to truncate, split or drop",
         )
+    if policy == "split":
+        # Consecutive pieces; each piece's first token has no context inside the row, so it is not
+        # trained (the collator masks every row's first label).
+        return [
+            (ids[i : i + max_length], mask[i : i + max_length])
+            for i in range(0, len(ids), max_length)
+        ], "split"
     if mode == "keep_end":
-        return ids[-max_length:], mask[-max_length:], "truncated"
-    return ids[:max_length], mask[:max_length], "truncated"
+        return [(ids[-max_length:], mask[-max_length:])], "truncated"
+    return [(ids[:max_length], mask[:max_length])], "truncated"
 
 
 def _tokenize_batch(
@@ -95,44 +108,61 @@ def _tokenize_batch(
     names = list(batch)
     n = len(indices)
     text_field = "text" if formatting_func is not None else opts.dataset_text_field
-    all_segments, owners, is_plain = [], [], []
+    all_segments: list[tuple[str, bool]] = []
+    owners: list[int] = []
+    ids_out: list[list[int]] = []
+    mask_out: list[list[bool]] = []
     for j in range(n):
         row = {k: batch[k][j] for k in names}
         if formatting_func is not None:
             row = apply_formatting_func(row, formatting_func, indices[j] + 1)
         example = normalize(
-            row, fmt, row_index=indices[j] + 1, source=source, dataset_text_field=text_field
+            row,
+            fmt,
+            row_index=indices[j] + 1,
+            source=source,
+            dataset_text_field=text_field,
+            prompt_template=opts.prompt_template,
         )
+        if isinstance(example, Tokenized):
+            ids_out.append(example.input_ids)
+            mask_out.append(example.trained_mask)
+            continue
         segs = render_segments(
             example,
             tokenizer,
             eos_token=opts.eos_token,
             assistant_only_loss=opts.assistant_only_loss,
             completion_only_loss=opts.completion_only_loss,
+            last_turn_only=opts.last_turn_only,
         )
-        is_plain.append(
-            isinstance(example, Text) or isinstance(getattr(example, "prompt", None), str)
-        )
+        plain = isinstance(example, Text) or isinstance(getattr(example, "prompt", None), str)
+        ids_out.append(list(prefix_ids) if plain else [])
+        mask_out.append([False] * len(ids_out[-1]))
         all_segments += segs
         owners += [j] * len(segs)
-    # One tokenizer call for every segment of the batch: the Rust tokenizer parallelises it.
-    seg_ids = tokenizer([t for t, _ in all_segments], add_special_tokens=False)["input_ids"]
-    ids_out: list[list[int]] = [list(prefix_ids) if is_plain[j] else [] for j in range(n)]
-    mask_out: list[list[bool]] = [[False] * len(x) for x in ids_out]
-    for (_, trained), owner, ids in zip(all_segments, owners, seg_ids):
-        ids_out[owner] += ids
-        mask_out[owner] += [trained] * len(ids)
-    status = []
-    for j in range(n):
-        ids, mask, why = fit_length(
-            ids_out[j], mask_out[j], opts.max_length, opts.overlong_policy, opts.truncation_mode
+    if all_segments:
+        # One tokenizer call for every segment of the batch: the Rust tokenizer parallelises it.
+        seg_ids = tokenizer([t for t, _ in all_segments], add_special_tokens=False)["input_ids"]
+        for (_, trained), owner, ids in zip(all_segments, owners, seg_ids):
+            ids_out[owner] += ids
+            mask_out[owner] += [trained] * len(ids)
+    out: dict[str, list] = {"input_ids": [], "trained_mask": [], "_status": [], "_row": []}
+    for row_index, ids, mask in zip(indices, ids_out, mask_out):
+        rows, why = fit_length(
+            ids, mask, opts.max_length, opts.overlong_policy, opts.truncation_mode
         )
         # Position 0 is never predicted (nothing comes before it), so it cannot count as trained.
-        if why != DROP_TOO_LONG and not any(mask[1:]):
-            why = DROP_NO_TRAINED
-        ids_out[j], mask_out[j] = ids, mask
-        status.append(why)
-    return {"input_ids": ids_out, "trained_mask": mask_out, "_status": status}
+        rows = [(i, m) for i, m in rows if any(m[1:])]
+        if not rows:
+            why = why if why == DROP_TOO_LONG else DROP_NO_TRAINED
+            rows = [([], [])]  # a placeholder row carrying the drop reason, removed below
+        for i, m in rows:
+            out["input_ids"].append(i)
+            out["trained_mask"].append(m)
+            out["_status"].append(why)
+            out["_row"].append(row_index)
+    return out
 
 
 def prepare_dataset(
@@ -146,13 +176,6 @@ def prepare_dataset(
     name: str = "train",
 ) -> tuple[datasets.Dataset, PrepStats]:
     """Tokenize a raw dataset. Returns the kept rows (input_ids, trained_mask) and the counts."""
-    if "input_ids" in dataset.column_names and formatting_func is None:
-        raise ChatSFTError(
-            "pre-tokenized datasets (an 'input_ids' column) are not supported yet",
-            source=source,
-            field="input_ids",
-            hint="pass the raw text, messages or prompt/completion columns instead",
-        )
     if len(dataset) == 0:
         raise ChatSFTError(f"the {name} dataset is empty", source=source)
     fmt = "text" if formatting_func is not None else None
@@ -179,12 +202,20 @@ def prepare_dataset(
         desc=f"Tokenizing {name} data",
     )
     status = tokenized["_status"]
-    counts = Counter(status)
-    stats = PrepStats(rows_read=len(dataset), truncated=counts.pop("truncated", 0))
+    # One outcome per source row (a split row yields several output rows).
+    outcome: dict[int, str] = {}
+    for row_index, why in zip(tokenized["_row"], status):
+        outcome.setdefault(row_index, why)
+    counts = Counter(outcome.values())
+    stats = PrepStats(
+        rows_read=len(dataset),
+        truncated=counts.pop("truncated", 0),
+        split=counts.pop("split", 0),
+    )
     counts.pop("", None)
     stats.dropped = dict(counts)
-    keep = [i for i, s in enumerate(status) if s in ("", "truncated")]
-    stats.kept = len(keep)
+    stats.kept = stats.rows_read - sum(stats.dropped.values())
+    keep = [i for i, why in enumerate(status) if why in ("", "truncated", "split")]
     if not keep:
         raise ChatSFTError(
             f"every row of the {name} data was dropped ({stats.summary(name)})",
@@ -193,7 +224,7 @@ def prepare_dataset(
         )
     if len(keep) < len(tokenized):
         tokenized = tokenized.select(keep)
-    tokenized = tokenized.remove_columns("_status")
+    tokenized = tokenized.remove_columns(["_status", "_row"])
     lengths = [len(x) for x in tokenized["input_ids"]]
     stats.total_tokens = sum(lengths)
     stats.trained_tokens = sum(sum(m[1:]) for m in tokenized["trained_mask"])

@@ -1,0 +1,133 @@
+"""Every row format, prompt templates, pre-tokenized rows, last-turn-only, the split policy, and the
+template-agnostic assistant mask checked against a template's own {% generation %} mask."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+from conftest import chats
+from test_masks import prepare, trained_text
+
+from chatsft import ChatSFTError, SFTConfig
+from chatsft.data.prepare import prepare_for_training
+from chatsft.data.tokenize import PrepOptions
+
+# The benchmark workload's ChatML template, which marks assistant turns for TRL.
+GENERATION_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}{{ m['content'] }}"
+    "<|im_end|>{% endgeneration %}\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_sharegpt_equals_messages(tokenizer):
+    conv = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    a, _ = prepare([{"conversations": conv}], tokenizer, assistant_only_loss=True)
+    b, _ = prepare([{"messages": msgs}], tokenizer, assistant_only_loss=True)
+    assert a[0] == b[0]
+    with pytest.raises(ChatSFTError, match=r"row 1, field 'conversations\[0\].from'"):
+        prepare([{"conversations": [{"from": "alien", "value": "x"}]}], tokenizer)
+
+
+def test_query_response_with_prompt_template_and_column_map(tokenizer):
+    rows = datasets.Dataset.from_list([{"question": "what is two", "answer": "four"}])
+    opts = PrepOptions(
+        eos_token=tokenizer.eos_token, prompt_template="question : {query} answer : "
+    )
+    ds, _ = prepare_for_training(
+        rows, tokenizer, opts, column_map={"question": "query", "answer": "response"}
+    )
+    assert tokenizer.decode(ds[0]["input_ids"]) == "question : what is two answer : four<|im_end|>"
+    assert trained_text(tokenizer, ds[0]) == ["four<|im_end|>"]
+
+
+def test_query_response_template_with_response_slot(tokenizer):
+    ds, _ = prepare(
+        [{"query": "hi", "response": "yo"}],
+        tokenizer,
+        prompt_template="query : {query} response : {response}",
+    )
+    assert tokenizer.decode(ds[0]["input_ids"]) == "query : hi response : yo<|im_end|>"
+    assert trained_text(tokenizer, ds[0]) == ["yo<|im_end|>"]
+
+
+def test_query_response_without_template_is_a_chat(tokenizer):
+    ds, _ = prepare([{"query": "hi", "response": "yo"}], tokenizer)
+    assert trained_text(tokenizer, ds[0]) == ["yo<|im_end|>"]
+
+
+def test_bad_prompt_template_names_the_field(tokenizer):
+    with pytest.raises(ChatSFTError, match="field 'prompt_template'"):
+        prepare([{"query": "hi", "response": "yo"}], tokenizer, prompt_template="{missing} {query}")
+
+
+def test_pretokenized_rows(tokenizer):
+    cases = [
+        ({"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}, [False, False, True, True]),
+        ({"input_ids": [5, 6, 7], "completion_mask": [0, 1, 1]}, [False, True, True]),
+        ({"input_ids": [9, 10, 11]}, [True] * 3),
+    ]
+    for row, mask in cases:
+        ds, _ = prepare([row], tokenizer)
+        assert ds[0]["input_ids"] == row["input_ids"] and ds[0]["trained_mask"] == mask
+    with pytest.raises(ChatSFTError, match="row 1, field 'labels': has 2 entries"):
+        prepare([{"input_ids": [1, 2, 3], "labels": [1, 2]}], tokenizer)
+
+
+def test_last_turn_only(tokenizer):
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "what"},
+        {"role": "assistant", "content": "five"},
+    ]
+    ds, _ = prepare([{"messages": msgs}], tokenizer, last_turn_only=True)
+    assert trained_text(tokenizer, ds[0]) == ["five<|im_end|>"]
+
+
+def test_split_policy_keeps_every_token(tokenizer):
+    text = "the cat sat on a mat " * 10
+    ds, stats = prepare([{"text": text}], tokenizer, max_length=16, overlong_policy="split")
+    n_total = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+    assert sum(len(x) for x in ds["input_ids"]) == n_total
+    assert max(len(x) for x in ds["input_ids"]) == 16
+    assert stats.split == 1 and stats.kept == 1 and "1 split" in stats.summary()
+
+
+def test_config_aliases():
+    cfg = SFTConfig(max_len=77, truncate_longer_inputs=False)
+    assert cfg.max_length == 77 and cfg.overlong_policy == "drop"
+
+
+def test_mask_equals_the_templates_generation_mask(tokenizer):
+    """Our prefix-rendering mask vs transformers' {% generation %} mask on the same template."""
+    tokenizer.chat_template = GENERATION_TEMPLATE
+    rows = chats(12, seed=3)
+    ds, _ = prepare(rows, tokenizer, assistant_only_loss=True)
+    for row, ex in zip(rows, ds):
+        ref = tokenizer.apply_chat_template(
+            row["messages"], return_assistant_tokens_mask=True, return_dict=True
+        )
+        assert ex["input_ids"] == ref["input_ids"]
+        assert ex["trained_mask"] == [bool(m) for m in ref["assistant_masks"]]
+
+
+def test_template_that_rewrites_earlier_turns_is_refused(tokenizer):
+    # Renders only the last user message: earlier turns vanish as the conversation grows.
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' or loop.last %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "what"},
+        {"role": "assistant", "content": "five"},
+    ]
+    with pytest.raises(ChatSFTError, match="not prefix-preserving at message 1"):
+        prepare([{"messages": msgs}], tokenizer, assistant_only_loss=True)
