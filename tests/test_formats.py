@@ -131,3 +131,48 @@ def test_template_that_rewrites_earlier_turns_is_refused(tokenizer):
     ]
     with pytest.raises(ChatSFTError, match="not prefix-preserving at message 1"):
         prepare([{"messages": msgs}], tokenizer, assistant_only_loss=True)
+
+
+def test_constant_length_dataset_streams_packed_isolated_rows(tokenizer):
+    from chatsft import ConstantLengthDataset
+
+    rows = chats(40, seed=1)
+    opts = PrepOptions(eos_token=tokenizer.eos_token, assistant_only_loss=True, max_length=96)
+    stream = ConstantLengthDataset(iter(rows), tokenizer, opts, buffer_size=16)
+    packed = list(stream)
+    eager, _ = prepare(rows, tokenizer, assistant_only_loss=True, max_length=96)
+    assert all(len(r["input_ids"]) <= 96 for r in packed)
+    assert sum(len(r["seq_lengths"]) for r in packed) == len(eager) == 40
+    # Same documents, same masks: the multiset of (ids, mask) documents is unchanged.
+    docs = []
+    for r in packed:
+        start = 0
+        for n in r["seq_lengths"]:
+            docs.append(
+                (
+                    tuple(r["input_ids"][start : start + n]),
+                    tuple(r["trained_mask"][start : start + n]),
+                )
+            )
+            start += n
+    assert sorted(docs) == sorted((tuple(e["input_ids"]), tuple(e["trained_mask"])) for e in eager)
+    assert stream.stats.rows_read == 40 and stream.stats.kept == 40
+
+
+def test_streaming_dataset_trains(tmp_path, model_dir):
+    from chatsft import SFTTrainer
+
+    stream = datasets.Dataset.from_list(chats(32)).to_iterable_dataset()
+    cfg = SFTConfig(
+        output_dir=str(tmp_path / "o"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        packing=True,
+        max_length=128,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model_dir, args=cfg, train_dataset=stream)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert trainer.train_dataset.stats.rows_read > 0

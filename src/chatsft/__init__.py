@@ -2,11 +2,13 @@
 
 from .config import SFTConfig
 from .data.collate import PaddedCollator, PaddingFreeCollator
+from .data.streaming import ConstantLengthDataset
 from .errors import ChatSFTError
 from .trainer import SFTTrainer
 
 __all__ = [
     "ChatSFTError",
+    "ConstantLengthDataset",
     "PaddedCollator",
     "PaddingFreeCollator",
     "SFTConfig",

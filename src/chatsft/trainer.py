@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from .config import SFTConfig
 from .data.collate import PaddedCollator, PaddingFreeCollator
 from .data.prepare import prepare_for_training
+from .data.streaming import ConstantLengthDataset
 from .data.tokenize import PrepOptions
 from .errors import ChatSFTError
 from .model.attention import use_document_attention
@@ -172,6 +173,19 @@ class SFTTrainer(Trainer):
         self.num_trained_tokens = 0
 
     def _prepare(self, dataset, tokenizer, opts, name, args, prep_kwargs):
+        if isinstance(dataset, (datasets.IterableDataset, torch.utils.data.IterableDataset)):
+            if isinstance(dataset, ConstantLengthDataset):
+                return dataset
+            if prep_kwargs.get("column_map"):
+                dataset = dataset.rename_columns(prep_kwargs["column_map"])
+            # Streaming: tokenize and pack as rows arrive; counts grow in .stats as it runs.
+            return ConstantLengthDataset(
+                dataset,
+                tokenizer,
+                opts,
+                packing=prep_kwargs["packing"],
+                formatting_func=prep_kwargs["formatting_func"],
+            )
         prepared, stats = prepare_for_training(dataset, tokenizer, opts, name=name, **prep_kwargs)
         if stats is not None:
             self.prep_stats[name] = stats

@@ -57,31 +57,24 @@ class PaddedCollator:
 class PaddingFreeCollator:
     """All documents of the batch in one row [1, total]: no pad token is ever computed.
 
-    position_ids restart at 0 for every document. `cu_seq_lens_q/k` ([num_docs + 1] int32
-    boundaries) and `max_length_q/k` are the names flash-attn's varlen path and chatsft's document
-    attention read, so documents never attend to each other.
+    position_ids restart at 0 for every document; the attention (chatsft's document attention, or
+    transformers' flash-attn path) derives document boundaries from them, so documents never attend
+    to each other. Boundaries are not sent as a separate tensor: accelerate slices every tensor of
+    an iterable dataset's batch along dim 0, which would cut a [num_docs + 1] tensor to one entry.
     """
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
-        cu = [0]
         for e in examples:
             lengths = _doc_lengths(e)
             ids += e["input_ids"]
             labels += _labels(e["input_ids"], e["trained_mask"], lengths)
             for n in lengths:
                 positions += range(n)
-                cu.append(cu[-1] + n)
-        cu_seq_lens = torch.tensor(cu, dtype=torch.int32)
-        longest = max(b - a for a, b in zip(cu[:-1], cu[1:]))
         return {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
-            "cu_seq_lens_q": cu_seq_lens,
-            "cu_seq_lens_k": cu_seq_lens,
-            "max_length_q": longest,
-            "max_length_k": longest,
         }

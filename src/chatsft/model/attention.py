@@ -1,7 +1,7 @@
 """Document-isolated attention for padding-free / packed rows, without a dense N×N mask.
 
-A padding-free row holds several documents back to back ([1, total_tokens]); `cu_seq_lens_q` gives
-their boundaries (the collator sends it, or it is derived from position_ids restarting at 0). The
+A padding-free row holds several documents back to back ([1, total_tokens]); their boundaries are
+where position_ids restart at 0 (or `cu_seq_lens_q`, when a caller passes it). The
 stock SDPA path would build a [total, total] boolean mask for that; instead each document runs its
 own causal attention:
 - flash-attn's varlen kernel on CUDA when the optional extra is installed;

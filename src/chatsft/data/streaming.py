@@ -1,0 +1,109 @@
+"""Streaming preparation: tokenize rows as they arrive and pack them with the same isolation.
+
+`ConstantLengthDataset` is for datasets too large to prepare up front (a `datasets.IterableDataset`
+from `streaming=True`, or any iterable of rows). It reads `buffer_size` rows, tokenizes them in one
+batch, packs them best-fit-decreasing into rows of `max_length` tokens with `seq_lengths`, and
+yields those rows; `stats` counts what it read, kept and dropped so far.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+from .formats import detect_format
+from .packing import best_fit_decreasing
+from .tokenize import PrepOptions, PrepStats, _tokenize_batch, special_prefix_ids
+
+
+class ConstantLengthDataset(torch.utils.data.IterableDataset):
+    """Packed rows of at most `max_length` tokens from a stream of raw rows.
+
+    With `packing=False` it yields one tokenized example per row instead (still streaming).
+    """
+
+    def __init__(
+        self,
+        rows: Iterable[dict[str, Any]],
+        tokenizer: Any,
+        opts: PrepOptions,
+        *,
+        packing: bool = True,
+        buffer_size: int = 1024,
+        formatting_func: Callable | None = None,
+    ) -> None:
+        if packing and opts.max_length is None:
+            raise ValueError("packing needs max_length")
+        self.rows, self.tokenizer, self.opts = rows, tokenizer, opts
+        self.packing, self.buffer_size = packing, buffer_size
+        self.formatting_func = formatting_func
+        self.stats = PrepStats()
+
+    def _prepared(self, chunk: list[dict[str, Any]], first_index: int) -> list[dict[str, Any]]:
+        keys = sorted({k for r in chunk for k in r})
+        batch = {k: [r.get(k) for r in chunk] for k in keys}
+        fmt = "text" if self.formatting_func is not None else None
+        if fmt is None:
+            fmt = detect_format(keys, self.opts.dataset_text_field, self.opts.dataset_format)
+        elif isinstance(self.formatting_func(dict(chunk[0])), list):
+            fmt = "messages"
+        out = _tokenize_batch(
+            batch,
+            list(range(first_index, first_index + len(chunk))),
+            tokenizer=self.tokenizer,
+            opts=self.opts,
+            fmt=fmt,
+            prefix_ids=special_prefix_ids(self.tokenizer),
+            formatting_func=self.formatting_func,
+            source=None,
+        )
+        outcome: dict[int, str] = {}
+        kept = []
+        for ids, mask, why, row in zip(
+            out["input_ids"], out["trained_mask"], out["_status"], out["_row"]
+        ):
+            outcome.setdefault(row, why)
+            if why in ("", "truncated", "split"):
+                kept.append({"input_ids": ids, "trained_mask": mask})
+        counts = Counter(outcome.values())
+        s = self.stats
+        s.rows_read += len(chunk)
+        s.truncated += counts.pop("truncated", 0)
+        s.split += counts.pop("split", 0)
+        counts.pop("", None)
+        for why, n in counts.items():
+            s.dropped[why] = s.dropped.get(why, 0) + n
+        s.kept = s.rows_read - sum(s.dropped.values())
+        s.total_tokens += sum(len(k["input_ids"]) for k in kept)
+        s.trained_tokens += sum(sum(k["trained_mask"][1:]) for k in kept)
+        return kept
+
+    def _packed(self, docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        assert self.opts.max_length is not None
+        bins = best_fit_decreasing([len(d["input_ids"]) for d in docs], self.opts.max_length)
+        for b in sorted(bins, key=min):
+            members = [docs[i] for i in sorted(b)]
+            yield {
+                "input_ids": [t for d in members for t in d["input_ids"]],
+                "trained_mask": [m for d in members for m in d["trained_mask"]],
+                "seq_lengths": [len(d["input_ids"]) for d in members],
+            }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        chunk: list[dict[str, Any]] = []
+        index = 1
+        for row in self.rows:
+            chunk.append(row)
+            if len(chunk) == self.buffer_size:
+                yield from self._emit(chunk, index)
+                index += len(chunk)
+                chunk = []
+        if chunk:
+            yield from self._emit(chunk, index)
+
+    def _emit(self, chunk: list[dict[str, Any]], index: int) -> Iterator[dict[str, Any]]:
+        docs = self._prepared(chunk, index)
+        yield from self._packed(docs) if self.packing else docs
