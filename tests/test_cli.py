@@ -113,3 +113,14 @@ def test_every_example_config_loads(path):
     # bf16 is checked against the hardware when SFTConfig is built; this CPU machine has none.
     run = load_run_config(str(path), ["--bf16", "false"])
     assert run.model and run.dataset
+
+
+def test_streaming_from_the_cli(tmp_path, model_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", chats(20))
+    out = tmp_path / "o"
+    argv = ["train", "--model", model_dir, "--dataset", str(data), "--output_dir", str(out)]
+    assert main([*argv, "--streaming"]) == 2
+    assert "needs max_steps" in capsys.readouterr().err
+    flags = ["--streaming", "--max_steps", "2", "--packing", "--max_length", "128"]
+    assert main([*argv, *flags, "--save_strategy", "no"]) == 0
+    assert (out / "model.safetensors").exists()

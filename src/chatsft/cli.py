@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 
@@ -17,7 +16,15 @@ def cmd_train(rest: list[str]) -> int:
 
     config = rest.pop(0) if rest and not rest[0].startswith("--") else None
     run = load_run_config(config, rest)
-    train = load_data(run.dataset, run.dataset_split)
+    if run.streaming and run.sft.max_steps <= 0:
+        raise ChatSFTError(
+            "streaming data has no length, so the run needs max_steps", field="max_steps"
+        )
+    if run.streaming and run.eval_fraction:
+        raise ChatSFTError(
+            "eval_fraction cannot split a stream", field="eval_fraction", hint="use eval_dataset"
+        )
+    train = load_data(run.dataset, run.dataset_split, streaming=run.streaming)
     evaluation = None
     if run.eval_dataset or run.eval_split:
         evaluation = load_data(run.eval_dataset or run.dataset, run.eval_split or "train")
@@ -76,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:]):
             return cmd_train(argv[1:])

@@ -24,6 +24,7 @@ class RunConfig:
     eval_dataset: str | None = None
     eval_split: str | None = None
     eval_fraction: float | None = None
+    streaming: bool = False
 
 
 RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"sft"}
@@ -32,12 +33,17 @@ SFT_KEYS = set(SFT_FIELDS)
 
 
 def _coerce_numbers(values: dict[str, Any]) -> None:
-    """YAML 1.1 reads `1e-4` (no dot) as a string; numeric fields get a number."""
+    """YAML 1.1 reads `1e-4` (no dot) as a string and `no` as False; give fields their type."""
     for key, value in values.items():
         f = SFT_FIELDS.get(key)
-        if f is None or not isinstance(value, str):
+        if f is None:
             continue
         kind = str(f.type)
+        if value is False and "bool" not in kind:
+            values[key] = "no"  # `save_strategy: no` in YAML 1.1 is False
+            continue
+        if not isinstance(value, str):
+            continue
         try:
             if "float" in kind:
                 values[key] = float(value)
@@ -64,7 +70,10 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
                 i += 1
             else:
                 value = "true"
-        out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+        parsed = yaml.safe_load(value) if value != "" else ""
+        if isinstance(parsed, bool) and value.lower() not in ("true", "false"):
+            parsed = value  # YAML 1.1 reads `no`/`on` as booleans; `--save_strategy no` is text
+        out[key.replace("-", "_")] = parsed
         i += 1
     return out
 

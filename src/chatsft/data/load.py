@@ -65,13 +65,18 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return kinds.pop(), [str(p) for p in files]
 
 
-def load_data(spec: str, split: str = "train") -> datasets.Dataset:
-    """A local file or folder, or a hub dataset id (`name` or `name:config`)."""
+def load_data(
+    spec: str, split: str = "train", streaming: bool = False
+) -> datasets.Dataset | datasets.IterableDataset:
+    """A local file or folder, or a hub dataset id (`name` or `name:config`). With `streaming`,
+    rows are read lazily (train with max_steps; chatsft packs them as they arrive)."""
     path = Path(os.path.expanduser(spec))
     if path.exists():
         builder, files = _local_files(path)
         try:
-            return datasets.load_dataset(builder, data_files=files, split="train")
+            return datasets.load_dataset(
+                builder, data_files=files, split="train", streaming=streaming
+            )
         except Exception as err:  # pyarrow schema errors and friends
             raise ChatSFTError(
                 f"could not read the data: {err}", source=str(path), field="dataset"
@@ -80,7 +85,7 @@ def load_data(spec: str, split: str = "train") -> datasets.Dataset:
         raise ChatSFTError("file or folder not found", source=spec, field="dataset")
     name, _, config = spec.partition(":")
     try:
-        return datasets.load_dataset(name, config or None, split=split)
+        return datasets.load_dataset(name, config or None, split=split, streaming=streaming)
     except Exception as err:  # offline, unknown id, missing split
         raise ChatSFTError(
             f"could not load it as a local path or hub dataset ({type(err).__name__}: {err})",

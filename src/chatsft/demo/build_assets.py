@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = build_tokenizer(args.out / "tokenizer")
     config = build_model_config(args.out / "model", tokenizer)
     print(f"tokenizer: {len(tokenizer)} tokens → {args.out / 'tokenizer'}")
-    print(f"model: {json.dumps({k: getattr(config, k) for k in ('hidden_size', 'num_hidden_layers', 'vocab_size')})}")
+    print(
+        f"model: {json.dumps({k: getattr(config, k) for k in ('hidden_size', 'num_hidden_layers', 'vocab_size')})}"
+    )
 
 
 if __name__ == "__main__":

@@ -129,9 +129,7 @@ def run_demo(output_dir: str, *, quick: bool = False, seed: int = 0) -> dict[str
         seed=seed,
         use_cpu=True,
     )
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train_ds, processing_class=tokenizer
-    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
     t_train = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - t_train
