@@ -23,20 +23,28 @@ def prepared(tokenizer, n=8):
     return ds
 
 
-def test_loss_matches_full_logit_cross_entropy(tokenizer):
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("tied", [False, True])
+def test_loss_matches_full_logit_cross_entropy(tokenizer, chunked, tied):
     model = make_model(tokenizer)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
     ds = prepared(tokenizer)
     batch = PaddedCollator(tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
     labels = batch.pop("labels")
-    parts, _ = supervised_loss(model, batch, labels)
+    parts, _ = supervised_loss(model, batch, labels, chunked=chunked)
     logits = model(**batch).logits
     ref = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum"
     )
     torch.testing.assert_close(parts.loss_sum, ref, rtol=1e-5, atol=1e-5)
-    g = torch.autograd.grad(parts.loss_sum, model.model.embed_tokens.weight)[0]
-    g_ref = torch.autograd.grad(ref, model.model.embed_tokens.weight)[0]
-    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+    params = [model.model.embed_tokens.weight, model.lm_head.weight, model.model.norm.weight]
+    for g, g_ref in zip(
+        torch.autograd.grad(parts.loss_sum, params), torch.autograd.grad(ref, params)
+    ):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert parts.num_correct == (logits[:, :-1].argmax(-1) == labels[:, 1:]).sum()
     assert parts.num_tokens == (labels[:, 1:] != -100).sum()
 
 
@@ -113,3 +121,21 @@ def test_gradient_accumulation_4x2_equals_1x8(tokenizer, tmp_path):
     for name in one:
         torch.testing.assert_close(one[name], four[name], rtol=1e-4, atol=1e-6, msg=name)
         torch.testing.assert_close(one[name], free[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunked_cross_entropy_matches_reference_across_chunks():
+    from chatsft.model.chunked_ce import chunked_linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(50, 16, requires_grad=True)
+    w = torch.randn(100, 16, requires_grad=True)
+    b = torch.randn(100, requires_grad=True)
+    t = torch.randint(0, 100, (50,))
+    loss, correct = chunked_linear_cross_entropy(h, w, b, t, chunk_size=7)
+    grads = torch.autograd.grad(3 * loss, (h, w, b))
+    logits = h @ w.T + b
+    ref = F.cross_entropy(logits, t, reduction="sum")
+    torch.testing.assert_close(loss, ref)
+    for g, g_ref in zip(grads, torch.autograd.grad(3 * ref, (h, w, b))):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+    assert correct == (logits.argmax(-1) == t).sum()

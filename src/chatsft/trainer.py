@@ -169,6 +169,11 @@ class SFTTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self._forward_keys = _forward_keys(model)
+        # Sharded weights (FSDP, ZeRO-3) only exist inside their module's forward, and
+        # compute_metrics needs real logits: both keep the plain path.
+        self._chunked_loss = not (
+            self.is_fsdp_enabled or self.is_deepspeed_enabled or compute_metrics is not None
+        )
         self._sums: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
         self.num_trained_tokens = 0
 
@@ -216,7 +221,7 @@ class SFTTrainer(Trainer):
         labels = inputs.pop("labels")
         if self._forward_keys is not None:
             inputs = {k: v for k, v in inputs.items() if k in self._forward_keys}
-        parts, outputs = supervised_loss(model, inputs, labels)
+        parts, outputs = supervised_loss(model, inputs, labels, chunked=self._chunked_loss)
         # THE normalisation: sum of token losses / trained tokens of the whole optimizer step.
         # num_items_in_batch counts every micro-batch of the step (and, with
         # average_tokens_across_devices, every rank); DDP then averages gradients over ranks, which

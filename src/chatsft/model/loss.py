@@ -1,14 +1,18 @@
 """Supervised-only cross-entropy.
 
 The objective is ordinary teacher-forced next-token cross-entropy over the trained tokens. Only the
-positions whose next token is trained are projected through the LM head (`logits_to_keep` with a
-boolean mask), so logits for prompts, padding and system text are never materialised.
+positions whose next token is trained reach the LM head (`logits_to_keep` with a boolean mask), so
+logits for prompts, padding and system text are never computed. With `chunked=True` (a plain
+linear LM head, no logit soft-capping or scaling) even those logits are never materialised at
+once: the head is bypassed in the forward and projected in fp32 chunks by `chunked_ce`.
 The *sum* is returned; dividing by the step's global trained-token count happens in the trainer.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from ..data.collate import IGNORE_INDEX
+from .chunked_ce import chunked_linear_cross_entropy
+
+# Config fields with which a model transforms logits after its LM head; the chunked path would skip
+# that transformation, so such models use the plain path.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+CHUNK_ELEMENTS = 128 * 2**20  # fp32 logits per chunk: 512 MB
 
 
 @dataclass
@@ -53,12 +63,49 @@ def _logits(outputs: Any) -> torch.Tensor:
     return outputs.logits
 
 
+def chunkable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The LM head if the chunked path can replace it exactly, else None."""
+    base = _unwrap(model)
+    config = getattr(base, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+        return None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    # A wrapped head (LoRA on lm_head, accelerate hooks that replace forward) keeps the plain path.
+    if type(head) is not torch.nn.Linear or "forward" in head.__dict__:
+        return None
+    return head
+
+
+@contextmanager
+def _head_passthrough(head: torch.nn.Linear) -> Iterator[None]:
+    head.forward = lambda hidden: hidden  # the model's "logits" are then the selected hidden states
+    try:
+        yield
+    finally:
+        del head.forward
+
+
 def supervised_loss(
-    model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    chunked: bool = False,
 ) -> tuple[LossParts, Any]:
-    """Forward the model and return the summed loss over trained tokens, plus the raw outputs."""
+    """Forward the model and return the summed loss over trained tokens, plus the raw outputs
+    (whose `logits` are only meaningful with chunked=False)."""
     targets = shift_labels(labels)
     keep = targets != IGNORE_INDEX
+    head = chunkable_head(model) if chunked and accepts_logits_to_keep(model) else None
+    if head is not None:
+        with _head_passthrough(head):
+            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+        hidden = _logits(outputs).reshape(-1, head.in_features)
+        chunk = max(64, CHUNK_ELEMENTS // head.out_features)
+        loss_sum, correct = chunked_linear_cross_entropy(
+            hidden, head.weight, head.bias, targets[keep], chunk
+        )
+        return LossParts(loss_sum, keep.sum(), correct), outputs
     if accepts_logits_to_keep(model):
         outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
         logits = _logits(outputs).reshape(-1, _logits(outputs).shape[-1])
