@@ -4,7 +4,7 @@ The objective is ordinary teacher-forced next-token cross-entropy over the train
 positions whose next token is trained reach the LM head (`logits_to_keep` with a boolean mask), so
 logits for prompts, padding and system text are never computed. With `chunked=True` (a plain
 linear LM head, no logit soft-capping or scaling) even those logits are never materialised at
-once: the head is bypassed in the forward and projected in fp32 chunks by `chunked_ce`.
+once: for that forward the head itself computes the loss in fp32 chunks (`chunked_ce`).
 The *sum* is returned; dividing by the step's global trained-token count happens in the trainer.
 """
 
@@ -77,8 +77,20 @@ def chunkable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
 
 
 @contextmanager
-def _head_passthrough(head: torch.nn.Linear) -> Iterator[None]:
-    head.forward = lambda hidden: hidden  # the model's "logits" are then the selected hidden states
+def _head_computes_loss(head: torch.nn.Linear, target: torch.Tensor) -> Iterator[None]:
+    """For one forward, the LM head returns [loss_sum, num_correct] instead of logits.
+
+    The loss is computed inside the head's own forward so that DDP and FSDP see the head's weight
+    used where they expect it (DDP refuses a parameter used outside forward)."""
+    chunk = max(64, CHUNK_ELEMENTS // head.out_features)
+
+    def loss_forward(hidden: torch.Tensor) -> torch.Tensor:
+        loss_sum, correct = chunked_linear_cross_entropy(
+            hidden.reshape(-1, head.in_features), head.weight, head.bias, target, chunk
+        )
+        return torch.stack([loss_sum, correct.to(loss_sum.dtype)])
+
+    head.forward = loss_forward
     try:
         yield
     finally:
@@ -93,19 +105,15 @@ def supervised_loss(
     chunked: bool = False,
 ) -> tuple[LossParts, Any]:
     """Forward the model and return the summed loss over trained tokens, plus the raw outputs
-    (whose `logits` are only meaningful with chunked=False)."""
+    (whose `logits` are real logits only with chunked=False)."""
     targets = shift_labels(labels)
     keep = targets != IGNORE_INDEX
     head = chunkable_head(model) if chunked and accepts_logits_to_keep(model) else None
     if head is not None:
-        with _head_passthrough(head):
+        with _head_computes_loss(head, targets[keep]):
             outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-        hidden = _logits(outputs).reshape(-1, head.in_features)
-        chunk = max(64, CHUNK_ELEMENTS // head.out_features)
-        loss_sum, correct = chunked_linear_cross_entropy(
-            hidden, head.weight, head.bias, targets[keep], chunk
-        )
-        return LossParts(loss_sum, keep.sum(), correct), outputs
+        loss_sum, correct = _logits(outputs)
+        return LossParts(loss_sum, keep.sum(), correct.detach().long()), outputs
     if accepts_logits_to_keep(model):
         outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
         logits = _logits(outputs).reshape(-1, _logits(outputs).shape[-1])

@@ -1,0 +1,50 @@
+"""Two CPU processes (gloo) × batch b train exactly like one process × batch 2b: the loss is
+normalised by the global trained-token count, so per-step losses and final weights agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import chats
+from test_cli import write_jsonl
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
+
+
+def _run(cmd: list[str], tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("padding_free", ["0", "1"])
+def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, model_dir, padding_free):
+    data = write_jsonl(tmp_path / "d.jsonl", chats(24, seed=11))
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    _run([sys.executable, str(SCRIPT), model_dir, str(data), str(one), "4", padding_free], tmp_path)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    _run(
+        [
+            *torchrun,
+            "--master_port",
+            "29517",
+            str(SCRIPT),
+            model_dir,
+            str(data),
+            str(two),
+            "2",
+            padding_free,
+        ],
+        tmp_path,
+    )
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["world"] == 1 and b["world"] == 2
+    assert a["tokens"] == b["tokens"]  # every rank's trained tokens are counted
+    assert a["losses"] == pytest.approx(b["losses"], rel=1e-4)
+    for name, value in a["weights"].items():
+        assert value == pytest.approx(b["weights"][name], rel=1e-4, abs=1e-4), name
