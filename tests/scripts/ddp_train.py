@@ -5,8 +5,7 @@ import json
 import sys
 
 import datasets
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from chatsft import SFTConfig, SFTTrainer
 
