@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -11,7 +12,7 @@ from .errors import ChatSFTError
 
 def cmd_train(rest: list[str]) -> int:
     from .data.load import load_data, split_eval
-    from .run_config import load_run_config
+    from .run_config import load_run_config, peft_config_of
     from .trainer import SFTTrainer
 
     config = rest.pop(0) if rest and not rest[0].startswith("--") else None
@@ -32,13 +33,34 @@ def cmd_train(rest: list[str]) -> int:
         train, evaluation = split_eval(train, run.eval_fraction, run.sft.seed)
     try:
         trainer = SFTTrainer(
-            model=run.model, args=run.sft, train_dataset=train, eval_dataset=evaluation
+            model=run.model,
+            args=run.sft,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            peft_config=peft_config_of(run),
         )
     except ChatSFTError as err:
         raise err.with_source(run.dataset) from None
     trainer.train()
     trainer.save_model(run.sft.output_dir)
-    print(f"[chatsft] saved the model to {run.sft.output_dir}")
+    print(f"[chatsft] saved to {run.sft.output_dir}: {describe_files(run.sft.output_dir)}")
+    return 0
+
+
+def describe_files(folder: str) -> str:
+    sizes = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and name.endswith((".safetensors", ".pt", ".bin")):
+            sizes.append(f"{name} {os.path.getsize(path) / 2**20:.1f} MiB")
+    return ", ".join(sizes)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .model.peft_setup import merge_adapter
+
+    out = merge_adapter(args.adapter_dir, args.output)
+    print(f"[chatsft] merged model written to {out}: {describe_files(out)}")
     return 0
 
 
@@ -75,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller, faster run")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+    merge = sub.add_parser(
+        "merge", help="merge a LoRA adapter folder into its base model (a standalone folder)"
+    )
+    merge.add_argument("adapter_dir")
+    merge.add_argument("--output", required=True, help="new folder for the merged model")
+    merge.set_defaults(func=cmd_merge)
     # `train` takes free-form --field overrides, which argparse would reorder; main() parses them.
     return parser
 

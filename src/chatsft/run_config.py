@@ -25,6 +25,13 @@ class RunConfig:
     eval_split: str | None = None
     eval_fraction: float | None = None
     streaming: bool = False
+    # LoRA (TRL's ModelConfig names)
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | str | None = "all-linear"
+    lora_modules_to_save: list[str] | None = None
 
 
 RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"sft"}
@@ -122,3 +129,17 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> Run
             f"invalid training setting: {err}", source=path or "command line"
         ) from None
     return RunConfig(sft=sft, **run)
+
+
+def peft_config_of(run: RunConfig) -> Any:
+    if not run.use_peft:
+        return None
+    from .model.peft_setup import lora_config
+
+    return lora_config(
+        run.lora_r,
+        run.lora_alpha,
+        run.lora_dropout,
+        run.lora_target_modules,
+        run.lora_modules_to_save,
+    )

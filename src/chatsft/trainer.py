@@ -113,6 +113,10 @@ class SFTTrainer(Trainer):
             pad_token=args.pad_token,
         )
         model = apply_peft(load_model(model, args.model_init_kwargs), peft_config)
+        if peft_config is not None:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in model.parameters())
+            self._say(args, f"peft: {trainable:,} trainable of {total:,} parameters")
         self.prep_stats: dict[str, Any] = {}
         extra = dict(args.dataset_kwargs or {})
         skip_prepare = bool(extra.pop("skip_prepare_dataset", False))
