@@ -124,3 +124,14 @@ def test_streaming_from_the_cli(tmp_path, model_dir, capsys):
     flags = ["--streaming", "--max_steps", "2", "--packing", "--max_length", "128"]
     assert main([*argv, *flags, "--save_strategy", "no"]) == 0
     assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "examples" / "accelerate").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_accelerate_config_is_valid(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    assert path.read_text().startswith("# accelerate launch --config_file examples/accelerate/")
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert config.distributed_type in ("MULTI_GPU", "FSDP", "DEEPSPEED")

@@ -195,7 +195,11 @@ class SFTTrainer(Trainer):
                 packing=prep_kwargs["packing"],
                 formatting_func=prep_kwargs["formatting_func"],
             )
-        prepared, stats = prepare_for_training(dataset, tokenizer, opts, name=name, **prep_kwargs)
+        # Rank 0 prepares first and fills datasets' cache; the other ranks then read it.
+        with args.main_process_first(desc=f"{name} data preparation"):
+            prepared, stats = prepare_for_training(
+                dataset, tokenizer, opts, name=name, **prep_kwargs
+            )
         if stats is not None:
             self.prep_stats[name] = stats
             self._say(args, stats.summary(name))
