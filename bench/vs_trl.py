@@ -266,6 +266,21 @@ def settings_in_effect(trainer: Any, framework: str) -> dict[str, Any]:
     return out
 
 
+def source_version() -> str:
+    """chatsft's commit, marked dirty when src/ has uncommitted changes."""
+    git = ["git", "-C", str(REPO)]
+    try:
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "src"], capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") or "unknown"
+
+
 def peak_memory_mib(device: str) -> float:
     if device == "cuda":
         import torch
@@ -283,6 +298,7 @@ def run_one(name: str, opts: argparse.Namespace) -> dict[str, Any]:
     steps = opts.steps or workload.steps
     warmup = workload.warmup_steps if opts.warmup is None else opts.warmup
     framework, overrides = CONFIGS[name]
+    version = source_version()  # before importing: src/ may change while a run trains
     if framework == "trl":
         from trl import SFTConfig, SFTTrainer
     else:
@@ -333,10 +349,12 @@ def run_one(name: str, opts: argparse.Namespace) -> dict[str, Any]:
         "peak_mem_mib": peak_memory_mib(workload.device),
         "peak_rss_mib": peak_memory_mib("cpu"),
         "cpu_util": meter.cpu_seconds / seconds,
+        "real_tokens_per_cpu_s": real / meter.cpu_seconds,
         "loadavg": meter.load,
         "first_loss": meter.losses[0][1] if meter.losses else None,
         "final_loss": meter.losses[-1][1] if meter.losses else None,
         "settings": settings_in_effect(trainer, framework),
+        "chatsft_version": version,
     }
 
 
@@ -394,15 +412,16 @@ def format_report(rows: list[dict[str, Any]], device: str) -> str:
     mem = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
     lines = [
         f"| config | real tok/s | trained tok/s | {mem} | first loss | final loss "
-        "| timed steps | timed s | CPU util | real tok/s, every run |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| timed steps | timed s | CPU util | real tok/CPU-s | real tok/s, every run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         every = ", ".join(f"{x:,.0f}" for x in r["all_real_tokens_per_s"])
         lines.append(
             f"| {r['config']} | {r['real_tokens_per_s']:,.0f} | {r['trained_tokens_per_s']:,.0f} "
             f"| {r['peak_mem_mib']:,.0f} | {r['first_loss']:.4f} | {r['final_loss']:.4f} "
-            f"| {r['timed_steps']} | {r['seconds']:.1f} | {r['cpu_util']:.2f} | {every} |"
+            f"| {r['timed_steps']} | {r['seconds']:.1f} | {r['cpu_util']:.2f} "
+            f"| {r['real_tokens_per_cpu_s']:,.0f} | {every} |"
         )
     trl = [r for r in rows if r["framework"] == "trl"]
     ours = [r for r in rows if r["framework"] == "chatsft"]

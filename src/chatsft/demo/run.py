@@ -122,7 +122,7 @@ def run_demo(output_dir: str, *, quick: bool = False, seed: int = 0) -> dict[str
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
         weight_decay=0.0,
-        logging_steps=10,
+        logging_steps=50,
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
