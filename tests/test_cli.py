@@ -135,3 +135,30 @@ def test_every_accelerate_config_is_valid(path):
     assert path.read_text().startswith("# accelerate launch --config_file examples/accelerate/")
     config = ClusterConfig.from_yaml_file(str(path))
     assert config.distributed_type in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+
+
+def test_resume_continues_from_the_newest_checkpoint(tmp_path, model_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", chats(16))
+    out = tmp_path / "o"
+    base = [
+        "train",
+        "--model",
+        model_dir,
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "4",
+        "--save_steps",
+        "2",
+        "--max_length",
+        "64",
+    ]
+    assert main([*base, "--resume"]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert main([*base, "--max_steps", "2"]) == 0
+    assert main([*base, "--max_steps", "4", "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().out and (out / "checkpoint-4").is_dir()
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4

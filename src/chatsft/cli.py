@@ -41,10 +41,32 @@ def cmd_train(rest: list[str]) -> int:
         )
     except ChatSFTError as err:
         raise err.with_source(run.dataset) from None
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_point(run))
     trainer.save_model(run.sft.output_dir)
     print(f"[chatsft] saved to {run.sft.output_dir}: {describe_files(run.sft.output_dir)}")
     return 0
+
+
+def resume_point(run) -> str | None:
+    """`resume: true` → the newest checkpoint-N in output_dir (an error if there is none)."""
+    if not run.resume:
+        return None
+    if isinstance(run.resume, str):
+        if not os.path.isdir(run.resume):
+            raise ChatSFTError("checkpoint folder not found", source=run.resume, field="resume")
+        return run.resume
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(run.sft.output_dir) if os.path.isdir(run.sft.output_dir) else None
+    if last is None:
+        raise ChatSFTError(
+            "no checkpoint to resume from",
+            source=run.sft.output_dir,
+            field="resume",
+            hint="train without --resume, or point --resume at a checkpoint folder",
+        )
+    print(f"[chatsft] resuming from {last}")
+    return last
 
 
 def describe_files(folder: str) -> str:

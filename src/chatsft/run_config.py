@@ -25,6 +25,7 @@ class RunConfig:
     eval_split: str | None = None
     eval_fraction: float | None = None
     streaming: bool = False
+    resume: bool | str = False  # True: the newest checkpoint in output_dir; or a checkpoint path
     # LoRA (TRL's ModelConfig names)
     use_peft: bool = False
     lora_r: int = 16
