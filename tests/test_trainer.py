@@ -166,3 +166,42 @@ def test_unknown_columns_list_what_was_found(tmp_path, model_dir):
             args=args(tmp_path),
             train_dataset=datasets.Dataset.from_list([{"foo": "x"}]),
         )
+
+
+class NaNAtCall(PlainLM):
+    """Returns NaN logits on its n-th training call."""
+
+    def __init__(self, vocab: int, bad_call: int):
+        super().__init__(vocab)
+        self.calls, self.bad_call = 0, bad_call
+
+    def forward(self, input_ids):
+        self.calls += 1
+        logits = super().forward(input_ids)
+        return logits * float("nan") if self.calls == self.bad_call else logits
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step(tmp_path, tokenizer):
+    data = datasets.Dataset.from_list(chats(16))
+    trainer = SFTTrainer(
+        model=NaNAtCall(len(tokenizer), 2),
+        args=args(tmp_path),
+        processing_class=tokenizer,
+        train_dataset=data,
+    )
+    with pytest.raises(ChatSFTError, match="the loss is nan at step 2"):
+        trainer.train()
+
+
+def test_nonfinite_batches_can_be_skipped(tmp_path, tokenizer, capsys):
+    model = NaNAtCall(len(tokenizer), 2)
+    trainer = SFTTrainer(
+        model=model,
+        args=args(tmp_path, max_nonfinite_batches=1),
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_list(chats(16)),
+    )
+    trainer.train()
+    assert trainer.nonfinite_steps == [2]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "skipped 1 non-finite batches (steps 2)" in capsys.readouterr().out

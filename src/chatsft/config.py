@@ -156,6 +156,14 @@ class SFTConfig(TrainingArguments):
         },
     )
 
+    max_nonfinite_batches: int = field(
+        default=0,
+        metadata={
+            "help": "Micro-batches with a NaN or inf loss to skip (with zero gradient, reported at "
+            "the end) before the run stops. 0: stop at the first, naming the step."
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.max_len is not None:
             self.max_length = self.max_len

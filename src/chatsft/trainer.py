@@ -180,6 +180,7 @@ class SFTTrainer(Trainer):
         )
         self._sums: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
         self.num_trained_tokens = 0
+        self.nonfinite_steps: list[int] = []
 
     def _prepare(self, dataset, tokenizer, opts, name, args, prep_kwargs):
         if isinstance(dataset, (datasets.IterableDataset, torch.utils.data.IterableDataset)):
@@ -240,9 +241,38 @@ class SFTTrainer(Trainer):
             loss = parts.loss_sum / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
+        if model.training:
+            loss = self._guard_nonfinite(model, loss)
         mode = "train" if model.training else "eval"
         self._sums[mode].append(torch.stack([parts.num_tokens, parts.num_correct]).detach())
         return (loss, outputs) if return_outputs else loss
+
+    def _guard_nonfinite(self, model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
+        # One host sync per micro-batch; the Trainer's own NaN log filter already pays for one.
+        if torch.isfinite(loss.detach()):
+            return loss
+        step = self.state.global_step + 1
+        self.nonfinite_steps.append(step)
+        if len(self.nonfinite_steps) > self.args.max_nonfinite_batches:
+            raise ChatSFTError(
+                f"the loss is {loss.item()} at step {step}; stopping before the weights are "
+                "damaged",
+                field="loss",
+                hint="lower learning_rate, check the data of that step, or set "
+                "max_nonfinite_batches to skip such batches",
+            )
+        self._say(self.args, f"skipping a batch with a non-finite loss at step {step}")
+        # A zero that still touches every trainable parameter, so DDP sees all of them.
+        return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+
+    def train(self, *args: Any, **kwargs: Any):
+        result = super().train(*args, **kwargs)
+        if self.nonfinite_steps:
+            steps = ", ".join(map(str, self.nonfinite_steps))
+            self._say(
+                self.args, f"skipped {len(self.nonfinite_steps)} non-finite batches (steps {steps})"
+            )
+        return result
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Our outputs hold logits for trained positions only; without compute_metrics there is
