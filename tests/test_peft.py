@@ -10,9 +10,8 @@ from peft import LoraConfig
 from test_cli import write_jsonl
 from transformers import AutoModelForCausalLM
 
-from chatsft import SFTConfig, SFTTrainer
+from chatsft import SFTConfig, SFTTrainer, load_for_inference
 from chatsft.cli import main
-from chatsft.model.peft_setup import load_adapter_model
 
 
 def test_lora_trains_only_adapters_and_merges(tmp_path, model_dir):
@@ -48,7 +47,7 @@ def test_lora_trains_only_adapters_and_merges(tmp_path, model_dir):
     assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
     assert main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    adapter = load_adapter_model(str(out))
+    adapter, _ = load_for_inference(str(out))
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapter(ids).logits, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,5 @@
-"""`chatsft train|demo`: thin wrappers over the Python API. Bad input → one line, exit code 2."""
+"""`chatsft train|generate|chat|merge|demo`: thin wrappers over the Python API. Bad input → one
+line, exit code 2."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import os
 import sys
 import traceback
 
+from .chat import add_chat_parser
 from .errors import ChatSFTError
+from .generate import add_generate_parser
 
 
 def cmd_train(rest: list[str]) -> int:
@@ -125,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("adapter_dir")
     merge.add_argument("--output", required=True, help="new folder for the merged model")
     merge.set_defaults(func=cmd_merge)
+    add_generate_parser(sub)
+    add_chat_parser(sub)
     # `train` takes free-form --field overrides, which argparse would reorder; main() parses them.
     return parser
 

@@ -142,6 +142,17 @@ class SFTConfig(TrainingArguments):
         default=None, metadata={"help": "Pad padded batches to a multiple of this length."}
     )
 
+    # --- evaluation ------------------------------------------------------------------------------
+    generation_eval: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Sample generations at each evaluation: {'prompts': [...]} or {'num_prompts': "
+            "4} (the first prompts of the eval set), plus decoding knobs such as max_new_tokens, "
+            "temperature, top_p, num_beams. Samples are printed and appended to "
+            "<output_dir>/generations.jsonl."
+        },
+    )
+
     # --- training --------------------------------------------------------------------------------
     learning_rate: float = field(
         default=2e-5, metadata={"help": "Peak learning rate for AdamW (TRL's SFT default)."}
@@ -183,6 +194,10 @@ class SFTConfig(TrainingArguments):
             )
         if self.packing and self.max_length is None:
             raise ValueError("packing needs max_length: set max_length to the packed row length")
+        if self.generation_eval is not None:
+            from .generate import check_generation_eval
+
+            self.generation_eval = check_generation_eval(self.generation_eval)
         if self.learning_rate < 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
         super().__post_init__()

@@ -12,7 +12,7 @@ from typing import Any
 import datasets
 import torch
 import yaml
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 from .config import SFTConfig
 from .data.collate import PaddedCollator, PaddingFreeCollator
@@ -20,6 +20,7 @@ from .data.prepare import prepare_for_training
 from .data.streaming import ConstantLengthDataset
 from .data.tokenize import PrepOptions
 from .errors import ChatSFTError
+from .generate import generation_eval_callback_from_config
 from .model.attention import use_document_attention
 from .model.load import apply_peft, load_model, load_tokenizer
 from .model.loss import supervised_loss
@@ -131,6 +132,10 @@ class SFTTrainer(Trainer):
                 hint="pass data_collator, or let chatsft prepare the data",
             )
         opts = prep_options(args, tokenizer)
+        if args.generation_eval is not None:
+            # Before preparation: the prompts are cut from the raw eval rows.
+            sampler = _generation_eval(args, eval_dataset, tokenizer, formatting_func)
+            callbacks = [*(callbacks or []), sampler]
         prep_kwargs = dict(
             packing=args.packing,
             formatting_func=formatting_func,
@@ -305,6 +310,27 @@ class SFTTrainer(Trainer):
         if self.args.should_save:
             with open(os.path.join(output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
                 yaml.safe_dump(_yaml_safe(self.args.to_dict()), f, sort_keys=True)
+
+
+def _generation_eval(
+    args: SFTConfig, eval_dataset: Any, tokenizer: Any, formatting_func: Callable | None
+) -> TrainerCallback:
+    if args.eval_strategy == "no":
+        warnings.warn(
+            "generation_eval samples at each evaluation, but eval_strategy is 'no'; set "
+            "eval_strategy: steps (with eval_steps) or call trainer.evaluate()",
+            stacklevel=3,
+        )
+    return generation_eval_callback_from_config(
+        args.generation_eval,
+        eval_dataset,
+        tokenizer,
+        dataset_format=args.dataset_format,
+        column_map=args.column_map,
+        dataset_text_field=args.dataset_text_field,
+        prompt_template=args.prompt_template,
+        formatting_func=formatting_func,
+    )
 
 
 def _forward_keys(model: torch.nn.Module) -> set[str] | None:

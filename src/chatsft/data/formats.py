@@ -91,7 +91,7 @@ def detect_format(
     )
 
 
-def _check_messages(messages: Any, row: int, field: str, source: str | None) -> list[dict]:
+def check_messages(messages: Any, row: int, field: str, source: str | None) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise ChatSFTError(
             "expected a non-empty list of {role, content} messages",
@@ -168,7 +168,7 @@ def normalize(
     if fmt == "text":
         return Text(_check_text(row.get(dataset_text_field), row_index, dataset_text_field, source))
     if fmt == "messages":
-        msgs = _check_messages(row.get("messages"), row_index, "messages", source)
+        msgs = check_messages(row.get("messages"), row_index, "messages", source)
         if not any(m["role"] == "assistant" for m in msgs):
             raise ChatSFTError(
                 "conversation has no assistant turn, so nothing would be trained",
@@ -182,8 +182,8 @@ def normalize(
     if fmt == "prompt_completion":
         prompt, completion = row.get("prompt"), row.get("completion")
         if isinstance(prompt, list) or isinstance(completion, list):
-            p = _check_messages(prompt, row_index, "prompt", source)
-            c = _check_messages(completion, row_index, "completion", source)
+            p = check_messages(prompt, row_index, "prompt", source)
+            c = check_messages(completion, row_index, "completion", source)
             return PromptCompletion(p, c)
         return PromptCompletion(
             _check_text(prompt, row_index, "prompt", source),

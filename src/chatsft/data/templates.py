@@ -32,7 +32,9 @@ def _compiled_template(template: str) -> Any:
     return _compile_jinja_template(template)
 
 
-def _render(tokenizer: Any, messages: list[dict], tools: Any, add_generation_prompt: bool) -> str:
+def render_chat(
+    tokenizer: Any, messages: list[dict], tools: Any, add_generation_prompt: bool
+) -> str:
     template = tokenizer.chat_template
     if not template:
         raise ChatSFTError(
@@ -86,8 +88,8 @@ def _turn_segments(
     end_of_turn: str | None,
     turn_index: int,
 ) -> tuple[list[Segment], int]:
-    before = _render(tokenizer, prefix, tools, True) if prefix else ""
-    upto = _render(tokenizer, prefix + turn, tools, False)
+    before = render_chat(tokenizer, prefix, tools, True) if prefix else ""
+    upto = render_chat(tokenizer, prefix + turn, tools, False)
     if not (upto.startswith(before) and full.startswith(upto) and len(before) >= pos):
         raise ChatSFTError(
             f"the chat template is not prefix-preserving at message {turn_index}: rendering the "
@@ -123,7 +125,7 @@ def render_segments(
 
     if isinstance(example, PromptCompletion):
         prompt, completion = example.prompt, example.completion
-        full = _render(tokenizer, prompt + completion, None, False)
+        full = render_chat(tokenizer, prompt + completion, None, False)
         if completion_only_loss is False:
             return [(full, True)]
         segs, pos = _turn_segments(
@@ -133,7 +135,7 @@ def render_segments(
 
     assert isinstance(example, Conversation)
     msgs, tools = example.messages, example.tools
-    full = _render(tokenizer, msgs, tools, False)
+    full = render_chat(tokenizer, msgs, tools, False)
     if not (assistant_only_loss or last_turn_only):
         return [(full, True)]
     segs: list[Segment] = []

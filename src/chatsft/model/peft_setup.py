@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -30,45 +29,19 @@ def lora_config(
     )
 
 
-def is_adapter_dir(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "adapter_config.json"))
-
-
-def load_adapter_model(adapter_dir: str, **model_kwargs: Any) -> Any:
-    """Base model (from the adapter's base_model_name_or_path) with the adapter applied."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as f:
-        base = json.load(f).get("base_model_name_or_path")
-    if not base:
-        raise ChatSFTError(
-            "adapter_config.json names no base_model_name_or_path",
-            source=adapter_dir,
-            hint="set it to the base model's hub id or folder",
-        )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, **model_kwargs)
-    except OSError as err:
-        raise ChatSFTError(
-            f"could not load the base model {base!r}: {err}", source=adapter_dir
-        ) from None
-    return PeftModel.from_pretrained(model, adapter_dir)
-
-
 def merge_adapter(adapter_dir: str, output_dir: str) -> str:
     """Write a standalone model folder: base + adapter merged, with the tokenizer and template."""
-    from transformers import AutoTokenizer
+    from ..generate import load_for_inference
 
-    if not is_adapter_dir(adapter_dir):
+    if not os.path.exists(os.path.join(adapter_dir, "adapter_config.json")):
         raise ChatSFTError(
             "no adapter_config.json here, so this is not a LoRA adapter folder", source=adapter_dir
         )
-    merged = load_adapter_model(adapter_dir).merge_and_unload()
-    tmp = output_dir.rstrip("/") + ".partial"
-    merged.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
     if os.path.exists(output_dir):
         raise ChatSFTError("output folder already exists", source=output_dir, hint="pick a new one")
+    model, tokenizer = load_for_inference(adapter_dir, device="cpu")
+    tmp = output_dir.rstrip("/") + ".partial"
+    model.merge_and_unload().save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     os.replace(tmp, output_dir)  # the folder appears only when complete
     return output_dir
