@@ -51,16 +51,16 @@ def cmd_train(rest: list[str]) -> int:
 
 
 def resume_point(run) -> str | None:
-    """`resume: true` → the newest checkpoint-N in output_dir (an error if there is none)."""
+    """`resume: true` → the newest complete checkpoint-N in output_dir (an error if none)."""
     if not run.resume:
         return None
     if isinstance(run.resume, str):
         if not os.path.isdir(run.resume):
             raise ChatSFTError("checkpoint folder not found", source=run.resume, field="resume")
         return run.resume
-    from transformers.trainer_utils import get_last_checkpoint
+    from .trainer import newest_complete_checkpoint
 
-    last = get_last_checkpoint(run.sft.output_dir) if os.path.isdir(run.sft.output_dir) else None
+    last = newest_complete_checkpoint(run.sft.output_dir)
     if last is None:
         raise ChatSFTError(
             "no checkpoint to resume from",

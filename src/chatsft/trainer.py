@@ -270,8 +270,15 @@ class SFTTrainer(Trainer):
         # A zero that still touches every trainable parameter, so DDP sees all of them.
         return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
 
-    def train(self, *args: Any, **kwargs: Any):
-        result = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        if resume_from_checkpoint is True:
+            # transformers would take the highest-numbered folder even if a crash cut it short.
+            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ChatSFTError(
+                    "no complete checkpoint to resume from", source=self.args.output_dir
+                )
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         if self.nonfinite_steps:
             steps = ", ".join(map(str, self.nonfinite_steps))
             self._say(
@@ -310,6 +317,31 @@ class SFTTrainer(Trainer):
         if self.args.should_save:
             with open(os.path.join(output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
                 yaml.safe_dump(_yaml_safe(self.args.to_dict()), f, sort_keys=True)
+
+
+def newest_complete_checkpoint(output_dir: str) -> str | None:
+    """The highest checkpoint-N whose save finished: the Trainer writes trainer_state.json last,
+    after the weights, optimizer and RNG state, so a folder without it was cut short."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        prefix, _, step = name.partition("-")
+        if prefix == "checkpoint" and step.isdigit():
+            steps.append(int(step))
+    for step in sorted(steps, reverse=True):
+        folder = os.path.join(output_dir, f"checkpoint-{step}")
+        weights = any(
+            os.path.exists(os.path.join(folder, f))
+            for f in (
+                "model.safetensors",
+                "adapter_model.safetensors",
+                "model.safetensors.index.json",
+            )
+        )
+        if weights and os.path.exists(os.path.join(folder, "trainer_state.json")):
+            return folder
+    return None
 
 
 def _generation_eval(
