@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import traceback
 
@@ -34,6 +35,7 @@ def cmd_train(rest: list[str]) -> int:
         evaluation = load_data(run.eval_dataset or run.dataset, run.eval_split or "train")
     elif run.eval_fraction:
         train, evaluation = split_eval(train, run.eval_fraction, run.sft.seed)
+    check_writable(run.sft.output_dir)
     try:
         trainer = SFTTrainer(
             model=run.model,
@@ -45,9 +47,45 @@ def cmd_train(rest: list[str]) -> int:
     except ChatSFTError as err:
         raise err.with_source(run.dataset) from None
     trainer.train(resume_from_checkpoint=resume_point(run))
-    trainer.save_model(run.sft.output_dir)
+    save_final(trainer, run.sft.output_dir)
     print(f"[chatsft] saved to {run.sft.output_dir}: {describe_files(run.sft.output_dir)}")
     return 0
+
+
+def check_writable(folder: str) -> None:
+    """Fail before training, not after hours of it, when the output folder cannot be written."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ChatSFTError("output_dir is a file, not a folder", source=folder, field="output_dir")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, ".chatsft-write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ChatSFTError(
+            f"cannot write here ({err.strerror})", source=folder, field="output_dir"
+        ) from None
+
+
+def save_final(trainer, output_dir: str) -> None:
+    """Save into a hidden folder, then move the files in: a crash or a full disk mid-save never
+    leaves output_dir looking like a finished model."""
+    staging = os.path.join(output_dir, ".saving")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        trainer.save_model(staging)
+    except OSError as err:
+        raise ChatSFTError(
+            f"saving the model failed ({err.strerror or err}); the previous checkpoints are "
+            f"intact and the partial save is in {staging}",
+            source=output_dir,
+            hint="free disk space, then run again with --resume",
+        ) from None
+    if trainer.args.should_save:  # only the main process writes
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        os.rmdir(staging)
 
 
 def resume_point(run) -> str | None:
@@ -143,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ChatSFTError, FileNotFoundError, PermissionError) as err:
+    except (ChatSFTError, OSError) as err:
         if debug:
             traceback.print_exc()
         print(f"chatsft: error: {err}", file=sys.stderr)

@@ -78,9 +78,14 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
                 i += 1
             else:
                 value = "true"
-        parsed = yaml.safe_load(value) if value != "" else ""
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value  # e.g. a prompt template with braces: plain text
         if isinstance(parsed, bool) and value.lower() not in ("true", "false"):
             parsed = value  # YAML 1.1 reads `no`/`on` as booleans; `--save_strategy no` is text
+        if isinstance(parsed, (dict, list)) and not value.lstrip().startswith(("{", "[")):
+            parsed = value  # "question: {query} answer: " is text, not a mapping
         out[key.replace("-", "_")] = parsed
         i += 1
     return out

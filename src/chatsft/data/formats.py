@@ -133,9 +133,24 @@ def check_messages(messages: Any, row: int, field: str, source: str | None) -> l
             )
         if content is not None and not content.strip() and not has_calls:
             raise ChatSFTError("content is empty", source=source, row=row, field=f"{where}.content")
+        if role == "tool" and not _follows_tool_call(out):
+            raise ChatSFTError(
+                "a tool message must answer an assistant message with tool_calls",
+                source=source,
+                row=row,
+                field=where,
+                hint="add the assistant's tool_calls before it, or drop the tool message",
+            )
         # Arrow fills absent keys of a struct column with None; templates test keys with `in`.
         out.append({k: v for k, v in m.items() if v is not None})
     return out
+
+
+def _follows_tool_call(previous: list[dict]) -> bool:
+    for m in reversed(previous):
+        if m["role"] != "tool":
+            return m["role"] == "assistant" and bool(m.get("tool_calls"))
+    return False
 
 
 def _check_text(value: Any, row: int, field: str, source: str | None) -> str:
