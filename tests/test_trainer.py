@@ -205,3 +205,25 @@ def test_nonfinite_batches_can_be_skipped(tmp_path, tokenizer, capsys):
     assert trainer.nonfinite_steps == [2]
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert "skipped 1 non-finite batches (steps 2)" in capsys.readouterr().out
+
+
+class NaNGradient(PlainLM):
+    """Finite loss, NaN gradient: d sqrt(z)/dz at z = 0 is inf, times 0 is NaN."""
+
+    def __init__(self, vocab: int):
+        super().__init__(vocab)
+        self.z = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids):
+        return super().forward(input_ids) + 0.0 * torch.sqrt(self.z)
+
+
+def test_nonfinite_gradient_stops_the_run_naming_the_step(tmp_path, tokenizer):
+    trainer = SFTTrainer(
+        model=NaNGradient(len(tokenizer)),
+        args=args(tmp_path),
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_list(chats(8)),
+    )
+    with pytest.raises(ChatSFTError, match="the gradient norm is nan at step 1"):
+        trainer.train()

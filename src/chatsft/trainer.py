@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -256,19 +257,32 @@ class SFTTrainer(Trainer):
         # One host sync per micro-batch; the Trainer's own NaN log filter already pays for one.
         if torch.isfinite(loss.detach()):
             return loss
+        self._nonfinite("loss", loss.item())
+        # A zero that still touches every trainable parameter, so DDP sees all of them.
+        return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+
+    def _nonfinite(self, what: str, value: float) -> None:
+        """Stop naming the step, or count the skip if max_nonfinite_batches allows it."""
         step = self.state.global_step + 1
         self.nonfinite_steps.append(step)
         if len(self.nonfinite_steps) > self.args.max_nonfinite_batches:
             raise ChatSFTError(
-                f"the loss is {loss.item()} at step {step}; stopping before the weights are "
-                "damaged",
-                field="loss",
+                f"the {what} is {value} at step {step}; stopping before the weights are damaged",
+                field=what,
                 hint="lower learning_rate, check the data of that step, or set "
                 "max_nonfinite_batches to skip such batches",
             )
-        self._say(self.args, f"skipping a batch with a non-finite loss at step {step}")
-        # A zero that still touches every trainable parameter, so DDP sees all of them.
-        return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+        self._say(self.args, f"skipping a batch with a non-finite {what} at step {step}")
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        # The Trainer computes the step's gradient norm here anyway; checking it costs nothing more.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            self._nonfinite("gradient norm", float(grad_norm))
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
+        return grad_norm
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if resume_from_checkpoint is True:
