@@ -14,10 +14,10 @@ import argparse
 import json
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-from .tasks import make_rows
+from .tasks import WORDS, make_rows
 
 ASSETS = Path(__file__).parent / "assets"
 PAD, IM_START, IM_END = "<|pad|>", "<|im_start|>", "<|im_end|>"
@@ -51,13 +51,16 @@ def train_tokenizer(corpus: list[str]) -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
+    # Role names and task instructions as whole-word tokens: they make up most of every chat, so
+    # this roughly halves the tokens per example (and the training time). single_word keeps them
+    # from matching inside longer words.
+    tokenizer.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in WORDS])
     return tokenizer
 
 
 def build_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
     train_rows, _ = make_rows(num_train=3000, num_eval=0, seed=12345)
     corpus = [m["content"] + "\n" for row in train_rows for m in row["messages"]]
-    corpus += ["user\n", "assistant\n", "system\n"]
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=train_tokenizer(corpus),
         pad_token=PAD,

@@ -1,12 +1,16 @@
 """Deterministic synthetic chat tasks small enough for a tiny model to learn in a minute on a CPU.
 
 Every task maps a short string of letters or digits to another one by a fixed rule, so a model that
-learns the rule answers examples it never saw exactly, and held-out exact match measures that. Each
-character is one token in the demo tokenizer, so every rule is a simple function of token positions.
+has learned the rule answers prompts it never saw, which held-out exact match measures. Payload
+characters are one token each in the demo tokenizer, and every payload has the same length, so
+each rule reads its input at fixed offsets from the answer; variable lengths need content-based
+lookups that a tiny model takes several times longer to learn (upper-casing 3-5 letters trailed
+reversing and sorting by far in our runs).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import string
 from collections.abc import Callable
@@ -24,12 +28,19 @@ class Task:
     instruction: str  # the prompt is "<instruction>: <payload>"
     alphabet: str
     rule: Callable[[str], str]
-    min_len: int = 3
-    max_len: int = 5
+    length: int = 4
+    # Sorting with repeated digits needs counting, which a tiny model learns much more slowly
+    # than the order of distinct digits (every miss in our runs had a repeat).
+    distinct: bool = False
 
     def sample(self, rng: random.Random) -> str:
-        n = rng.randint(self.min_len, self.max_len)
-        return "".join(rng.choice(self.alphabet) for _ in range(n))
+        if self.distinct:
+            return "".join(rng.sample(self.alphabet, self.length))
+        return "".join(rng.choice(self.alphabet) for _ in range(self.length))
+
+    def num_payloads(self) -> int:
+        n = len(self.alphabet)
+        return math.perm(n, self.length) if self.distinct else n**self.length
 
     def prompt(self, payload: str) -> str:
         return f"{self.instruction}: {payload}"
@@ -37,12 +48,17 @@ class Task:
 
 TASKS: tuple[Task, ...] = (
     Task("reverse", "reverse", LETTERS, lambda s: s[::-1]),
-    Task("sort", "sort", DIGITS, lambda s: "".join(sorted(s))),
+    Task("sort", "sort", DIGITS, lambda s: "".join(sorted(s)), distinct=True),
     Task("upper", "upper", LETTERS, str.upper),
 )
 
+# Whole words the demo tokenizer keeps as single tokens (build_assets.py adds them). A payload equal
+# to one of them would be one token instead of one per character, so payloads never are.
+WORDS: tuple[str, ...] = ("system", "user", "assistant", *(t.instruction for t in TASKS))
+
 
 def chat(task: Task, payload: str) -> dict[str, list[dict[str, str]]]:
+    """One training row: the user asks, the assistant answers with the rule applied."""
     return {
         "messages": [
             {"role": "user", "content": task.prompt(payload)},
@@ -51,31 +67,40 @@ def chat(task: Task, payload: str) -> dict[str, list[dict[str, str]]]:
     }
 
 
+def _split_counts(total: int, parts: int) -> list[int]:
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
 def make_rows(num_train: int, num_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Train and held-out rows, balanced over TASKS, with no prompt in both.
 
-    The held-out prompts are drawn first and then excluded, so the split does not depend on
-    num_train: a quick run and a full run are scored on the same held-out examples.
+    The held-out prompts are drawn first and then excluded, so the held-out part does not depend
+    on num_train: quick and full runs are scored on the same examples.
     """
     train: list[dict] = []
     held_out: list[dict] = []
-    for i, task in enumerate(TASKS):
-        # One generator per task (string seeds hash deterministically), so the held-out part of a
-        # task does not shift when another task draws more training rows.
+    for task, n_train, n_eval in zip(
+        TASKS, _split_counts(num_train, len(TASKS)), _split_counts(num_eval, len(TASKS))
+    ):
+        if n_train + n_eval > 0.9 * task.num_payloads():
+            # Rejection sampling below would crawl (or never end) near the size of the space.
+            raise ValueError(
+                f"{n_train + n_eval} {task.name} rows asked for, but only "
+                f"{task.num_payloads()} distinct prompts exist; ask for at most 90% of that"
+            )
+        # One generator per task (string seeds hash deterministically), so the rows of one task
+        # do not shift when another task draws more.
         rng = random.Random(f"{seed}:{task.name}")
-        n_eval = num_eval // len(TASKS) + (i < num_eval % len(TASKS))
-        n_train = num_train // len(TASKS) + (i < num_train % len(TASKS))
         seen: set[str] = set()
         for out, n in ((held_out, n_eval), (train, n_train)):
-            # Payload spaces hold tens of thousands of strings or more, so rejection ends quickly.
             while n > 0:
                 payload = task.sample(rng)
-                if payload in seen:
+                if payload in seen or payload in WORDS:
                     continue
                 seen.add(payload)
                 out.append(chat(task, payload))
                 n -= 1
-    # Interleave tasks so every training batch sees all of them.
+    # Interleave the tasks so every packed row holds all of them.
     random.Random(f"{seed}:shuffle").shuffle(train)
     return train, held_out
 
