@@ -227,3 +227,14 @@ def test_nonfinite_gradient_stops_the_run_naming_the_step(tmp_path, tokenizer):
     )
     with pytest.raises(ChatSFTError, match="the gradient norm is nan at step 1"):
         trainer.train()
+
+
+def test_bf16_autocast_training_runs_with_the_chunked_loss(tmp_path, model_dir):
+    trainer = SFTTrainer(
+        model=model_dir,
+        args=args(tmp_path, bf16=True, use_cpu=True, padding_free=True),
+        train_dataset=datasets.Dataset.from_list(chats(8)),
+    )
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(0 < x < 20 for x in losses)

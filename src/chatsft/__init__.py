@@ -5,6 +5,7 @@ from .config import SFTConfig
 from .data.collate import PaddedCollator, PaddingFreeCollator
 from .data.streaming import ConstantLengthDataset
 from .errors import ChatSFTError
+from .estimate import Estimate, FitResult, estimate, fit_batch
 from .generate import GenerationEvalCallback, GenerationResult, generate, load_for_inference
 from .trainer import SFTTrainer
 
@@ -14,10 +15,14 @@ __all__ = [
     "GenerationEvalCallback",
     "GenerationResult",
     "ConstantLengthDataset",
+    "Estimate",
+    "FitResult",
     "PaddedCollator",
     "PaddingFreeCollator",
     "SFTConfig",
     "SFTTrainer",
+    "estimate",
+    "fit_batch",
     "generate",
     "load_for_inference",
 ]

@@ -1,4 +1,4 @@
-"""`chatsft train|generate|chat|merge|demo`: thin wrappers over the Python API. Bad input → one
+"""`chatsft train|generate|chat|merge|estimate|inspect|demo`: thin wrappers over the Python API. Bad input → one
 line, exit code 2."""
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import traceback
 
 from .chat import add_chat_parser
 from .errors import ChatSFTError
+from .estimate import add_estimate_parser
 from .generate import add_generate_parser
+from .inspect_data import add_inspect_parser
 
 
 def cmd_train(rest: list[str]) -> int:
@@ -168,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=cmd_merge)
     add_generate_parser(sub)
     add_chat_parser(sub)
+    add_estimate_parser(sub)
+    add_inspect_parser(sub)
     # `train` takes free-form --field overrides, which argparse would reorder; main() parses them.
     return parser
 

@@ -167,6 +167,14 @@ class SFTConfig(TrainingArguments):
         },
     )
 
+    training_report: bool = field(
+        default=True,
+        metadata={
+            "help": "At the end of training, write loss.png, learning_rate.png, "
+            "tokens_per_second.png, trained_tokens.png and report.html (final metrics, resolved "
+            "config) into output_dir. Images need matplotlib: pip install 'chatsft[report]'."
+        },
+    )
     max_nonfinite_batches: int = field(
         default=0,
         metadata={

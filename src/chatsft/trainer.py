@@ -133,6 +133,10 @@ class SFTTrainer(Trainer):
                 hint="pass data_collator, or let chatsft prepare the data",
             )
         opts = prep_options(args, tokenizer)
+        if args.training_report:
+            from .report import TrainingReportCallback
+
+            callbacks = [*(callbacks or []), TrainingReportCallback()]
         if args.generation_eval is not None:
             # Before preparation: the prompts are cut from the raw eval rows.
             sampler = _generation_eval(args, eval_dataset, tokenizer, formatting_func)
@@ -329,8 +333,11 @@ class SFTTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
+            values = self.args.to_dict()
+            # to_dict() masks every *_token field as "<..._TOKEN>"; ours are token strings.
+            values.update(eos_token=self.args.eos_token, pad_token=self.args.pad_token)
             with open(os.path.join(output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-                yaml.safe_dump(_yaml_safe(self.args.to_dict()), f, sort_keys=True)
+                yaml.safe_dump(_yaml_safe(values), f, sort_keys=True)
 
 
 def newest_complete_checkpoint(output_dir: str) -> str | None:

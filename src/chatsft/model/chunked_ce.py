@@ -2,8 +2,10 @@
 
 The forward pass walks the selected positions in chunks: per chunk it projects through the LM head
 in fp32, takes the loss, and immediately computes the gradients for that chunk (dlogits = softmax -
-onehot). Peak extra memory is one [chunk, vocab] fp32 block instead of [tokens, vocab] logits,
-their fp32 copy, and their gradient (about 17 GB for 11k tokens × 152k vocab in the GPU benchmark).
+onehot). Peak extra memory is two [chunk, vocab] fp32 blocks (the logits and logsumexp's
+temporary) instead of [tokens, vocab] logits, their fp32 copy and their gradient (about 17 GB for
+11k tokens × 152k vocab in the GPU benchmark). The work runs with autocast off: under bf16 autocast
+the fp32 matmuls would come back in bf16 and the in-place gradient updates would mix dtypes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,13 @@ import torch
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, chunk_size):
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return _ChunkedLinearCrossEntropy._forward(
+                ctx, hidden, weight, bias, target, chunk_size
+            )
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, target, chunk_size):
         n = hidden.shape[0]
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         w32 = weight.float()

@@ -1,0 +1,201 @@
+"""chatsft.estimate against reality: checkpoint files written by a real SFTTrainer run, exact
+parameter counts, fitting the batch to a budget, and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import datasets
+import pytest
+import yaml
+from conftest import chats, make_model
+from peft import LoraConfig
+
+from chatsft import ChatSFTError, SFTConfig, SFTTrainer
+from chatsft.estimate import add_estimate_parser, estimate, fit_batch, parse_memory
+
+MiB = 2**20
+
+
+def train_one_checkpoint(tmp_path, model_dir, peft_config=None):
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        per_device_train_batch_size=4,
+        max_length=64,
+        disable_tqdm=True,
+        report_to="none",
+    )
+    trainer = SFTTrainer(
+        model=model_dir,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(chats(8)),
+        peft_config=peft_config,
+    )
+    trainer.train()
+    folder = tmp_path / "out" / "checkpoint-1"
+    return {f: os.path.getsize(folder / f) for f in os.listdir(folder)}
+
+
+def predicted(est):
+    return {f.name: f.bytes for f in est.checkpoint_files}
+
+
+def test_full_checkpoint_files_match_a_real_run(tmp_path, model_dir):
+    real = train_one_checkpoint(tmp_path, model_dir)
+    est = estimate(model_dir, max_length=64, batch_size=4)
+    pred = predicted(est)
+    for name in ("model.safetensors", "optimizer.pt"):
+        assert pred[name] == pytest.approx(real[name], rel=0.01), name
+    # Every file the Trainer writes is listed (the small ones at typical sizes).
+    assert set(real) <= set(pred), set(real) - set(pred)
+    assert est.checkpoint_bytes == pytest.approx(sum(real.values()), rel=0.05)
+    # AdamW: two fp32 moments per parameter.
+    assert est.memory["optimizer_state"] == pytest.approx(8 * est.trainable_params, rel=0.01)
+    assert "exp_avg" in est.note and "save_only_model" in est.note
+
+
+def test_lora_adapter_files_match_a_real_run(tmp_path, model_dir):
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    real = train_one_checkpoint(tmp_path, model_dir, peft_config=lora)
+    est = estimate(model_dir, max_length=64, batch_size=4, peft_config=lora)
+    pred = predicted(est)
+    assert "model.safetensors" not in pred
+    for name in ("adapter_model.safetensors", "optimizer.pt"):
+        assert pred[name] == pytest.approx(real[name], rel=0.01), name
+    assert set(real) <= set(pred), set(real) - set(pred)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_counts_and_weight_file_are_exact(tmp_path, tokenizer, tied):
+    from transformers import LlamaForCausalLM
+
+    config = make_model(tokenizer, hidden=48, layers=3).config
+    config.tie_word_embeddings = tied
+    real = LlamaForCausalLM(config)
+    real.save_pretrained(tmp_path)
+    est = estimate(str(tmp_path), max_length=32, batch_size=1)
+    assert est.total_params == sum(p.numel() for p in real.parameters())
+    assert est.trainable_params == est.total_params
+    if tied:  # one shared matrix: counted once, saved once
+        every = sum(p.numel() for _, p in real.named_parameters(remove_duplicate=False))
+        assert est.total_params < every
+    size = predicted(est)["model.safetensors"]
+    assert size == os.path.getsize(tmp_path / "model.safetensors")
+
+
+def test_lora_counts_match_peft(tokenizer):
+    from peft import get_peft_model
+
+    model = make_model(tokenizer)
+    cfg = {"r": 8, "target_modules": "all-linear"}
+    peft_model = get_peft_model(make_model(tokenizer), LoraConfig(task_type="CAUSAL_LM", **cfg))
+    est = estimate(model.config, max_length=32, batch_size=1, lora=cfg)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert est.trainable_params == trainable
+    assert est.total_params == sum(p.numel() for p in peft_model.parameters())
+    assert est.memory["optimizer_state"] == pytest.approx(8 * trainable, rel=0.01)
+
+
+def test_memory_grows_with_tokens_and_checkpointing_helps(model_dir, tokenizer):
+    small = estimate(model_dir, max_length=128, batch_size=2)
+    big = estimate(model_dir, max_length=128, batch_size=8)
+    assert big.memory["activations"] > 3 * small.memory["activations"]
+    assert big.memory["weights"] == small.memory["weights"]
+    gc = estimate(model_dir, max_length=128, batch_size=8, gradient_checkpointing=True)
+    assert gc.memory["activations"] < big.memory["activations"]
+    assert gc.activations_without_checkpointing == big.memory["activations"]
+    # 8-bit AdamW: ~2 bytes per parameter (tensors under 4096 elements stay fp32, as in bnb).
+    wide = make_model(tokenizer, hidden=128).config
+    adamw = estimate(wide, max_length=128, batch_size=2)
+    bnb = estimate(wide, max_length=128, batch_size=2, optimizer="adamw_bnb_8bit")
+    assert bnb.memory["optimizer_state"] < adamw.memory["optimizer_state"] / 3
+    lean = estimate(
+        model_dir, max_length=128, batch_size=2, save_only_model=True, save_total_limit=2
+    )
+    assert "optimizer.pt" not in predicted(lean)
+    assert lean.total_disk_bytes == 2 * lean.checkpoint_bytes + lean.final_model_bytes
+
+
+def test_fit_batch_shrinks_the_micro_batch_then_checkpoints(tokenizer):
+    config = make_model(tokenizer, hidden=64, layers=4).config
+    kw = dict(max_length=512, effective_batch_size=16, headroom=0.0)
+    roomy = fit_batch(config, memory="4GiB", **kw)
+    assert (roomy.batch_size, roomy.gradient_accumulation_steps) == (16, 1)
+    assert not roomy.gradient_checkpointing
+    sizes = {b: estimate(config, max_length=512, batch_size=b) for b in (1, 4, 16)}
+    # A budget between the micro-batch 4 and 16 peaks: a smaller micro-batch, same effective batch.
+    budget = (sizes[4].peak_bytes + sizes[16].peak_bytes) // 2
+    tight = fit_batch(config, memory=budget, **kw)
+    assert 4 <= tight.batch_size < 16 and not tight.gradient_checkpointing
+    assert tight.batch_size * tight.gradient_accumulation_steps == 16
+    assert "effective batch 16" in tight.reason
+    # Below micro-batch 1 without checkpointing: checkpointing is turned on.
+    gc1 = estimate(config, max_length=512, batch_size=1, gradient_checkpointing=True)
+    tighter = fit_batch(config, memory=(gc1.peak_bytes + sizes[1].peak_bytes) // 2, **kw)
+    assert tighter.gradient_checkpointing and tighter.batch_size >= 1
+    assert "gradient checkpointing on" in tighter.reason
+    with pytest.raises(ChatSFTError, match="even micro-batch 1"):
+        fit_batch(config, memory="1MiB", **kw)
+
+
+def test_parse_memory():
+    assert parse_memory("24GiB") == 24 * 2**30
+    assert parse_memory("24G") == 24 * 2**30
+    assert parse_memory("80GB") == 80 * 10**9
+    assert parse_memory("512 MiB") == 512 * MiB
+    with pytest.raises(ChatSFTError):
+        parse_memory("lots")
+
+
+def run_cli(argv, capsys):
+    parser = argparse.ArgumentParser(prog="chatsft")
+    add_estimate_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    code = args.func(args)
+    return code, capsys.readouterr().out
+
+
+def test_cli_json_from_flags(model_dir, capsys):
+    argv = ["estimate", "--model", model_dir, "--max-length", "64", "--batch-size", "2", "--json"]
+    code, out = run_cli(argv, capsys)
+    data = json.loads(out)
+    assert code == 0
+    assert data["settings"]["batch_size"] == 2 and data["peak_bytes"] > data["memory"]["weights"]
+    assert any(f["name"] == "optimizer.pt" for f in data["checkpoint_files"])
+
+
+def test_cli_reads_the_train_yaml_and_fits(tmp_path, model_dir, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": model_dir,
+                "dataset": "unused.jsonl",
+                "max_length": 256,
+                "per_device_train_batch_size": "auto",
+                "save_total_limit": 2,
+                "optim": "adamw_torch",
+            }
+        )
+    )
+    code, out = run_cli(
+        ["estimate", str(cfg), "--memory", "8GiB", "--effective-batch-size", "4"], capsys
+    )
+    assert code == 0
+    assert "fit: per_device_train_batch_size=4 gradient_accumulation_steps=1" in out
+    assert "optimizer.pt" in out and "because" in out
+    cfg.write_text(yaml.safe_dump({"model": model_dir, "use_peft": True, "lora_r": 8}))
+    code, out = run_cli(["estimate", str(cfg), "--json"], capsys)
+    data = json.loads(out)
+    assert (
+        data["settings"]["lora_r"] == 8 and data["settings"]["lora_target_modules"] == "all-linear"
+    )
+    assert any(f["name"] == "adapter_model.safetensors" for f in data["checkpoint_files"])
+    cfg.write_text(yaml.safe_dump({"model": model_dir, "max_lenght": 8}))
+    with pytest.raises(ChatSFTError, match="did you mean 'max_length'"):
+        run_cli(["estimate", str(cfg)], capsys)

@@ -1,0 +1,250 @@
+"""`chatsft inspect`: its counts are preparation's counts, its trained/masked marks are the
+collator's labels (terminal and HTML, checked in a real browser), and its warnings fire."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from conftest import chats
+from transformers import AutoTokenizer
+
+from chatsft.data.formats import detect_format, normalize
+from chatsft.data.load import load_data
+from chatsft.data.packing import pack_dataset
+from chatsft.data.prepare import prepare_for_training
+from chatsft.data.tokenize import special_prefix_ids
+from chatsft.errors import ChatSFTError
+from chatsft.inspect_data import (
+    ANSI_MASKED,
+    ANSI_TRAINED,
+    add_inspect_parser,
+    attributed_tokens,
+    collator_trained,
+    inspect_run,
+    render_terminal,
+    trained_positions,
+    use_color,
+)
+from chatsft.model.load import load_tokenizer
+from chatsft.run_config import load_run_config
+from chatsft.trainer import prep_options
+
+CHROMIUM = "/usr/bin/chromium"
+# The last message is rendered differently from the same message inside a longer conversation.
+NOT_PREFIX_PRESERVING = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}{% if loop.last %} (last){% endif %}\n"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_of(data: Path, tokenizer_dir: str, *overrides: str):
+    return load_run_config(None, ["--model", tokenizer_dir, "--dataset", str(data), *overrides])
+
+
+def inspect(run, **kwargs):
+    """inspect_run with the tokenizer folder standing in for the model (as --tokenizer does)."""
+    return inspect_run(run, tokenizer=AutoTokenizer.from_pretrained(run.model), **kwargs)
+
+
+def cli(argv: list[str]) -> int:
+    """`chatsft inspect ...` as chatsft.cli.main runs a subcommand (bad input: exit code 2)."""
+    parser = argparse.ArgumentParser(prog="chatsft")
+    add_inspect_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ChatSFTError as err:
+        print(f"chatsft: error: {err}", file=sys.stderr)
+        return 2
+
+
+def reference(run):
+    """What training's own preparation gives for the same run."""
+    given = AutoTokenizer.from_pretrained(run.model)
+    tok = load_tokenizer(run.model, given, eos_token=run.sft.eos_token)
+    opts = prep_options(run.sft, tok)
+    prepared, stats = prepare_for_training(load_data(run.dataset), tok, opts)
+    return tok, opts, prepared, stats
+
+
+@pytest.fixture()
+def data(tmp_path):
+    long_chat = {
+        "messages": [
+            {"role": "user", "content": "what is two plus three " * 8},
+            {"role": "assistant", "content": "five " * 20},
+        ]
+    }
+    return write_jsonl(tmp_path / "train.jsonl", [*chats(10), long_chat])
+
+
+def test_counts_are_preparations_counts(data, tokenizer_dir):
+    run = run_of(data, tokenizer_dir, "--assistant_only_loss", "--max_length", "48")
+    report = inspect(run, num_examples=2)
+    tok, opts, prepared, stats = reference(run)
+    (split,) = report.splits
+    assert split.stats == stats
+    # The long chat's answer lies past max_length, so its row is dropped; others are cut.
+    assert stats.dropped == {"no trained token left": 1} and stats.truncated > 0
+    assert split.lengths == [len(x) for x in prepared["input_ids"]]
+    # Per role, over every row: the counts add up to preparation's totals.
+    assert sum(r.trained for r in split.roles.values()) == stats.trained_tokens
+    assert sum(r.tokens for r in split.roles.values()) == stats.total_tokens
+    assert split.roles["user"].trained == 0 and split.roles["assistant"].trained > 0
+    packed = pack_dataset(prepared, 48)
+    assert split.packed_rows == len(packed)
+    assert split.packing_efficiency == pytest.approx(stats.total_tokens / (len(packed) * 48))
+    # Examples carry the collator's labels.
+    for row in report.examples:
+        assert row.trained == collator_trained(row.ids, prepared[row.index]["trained_mask"])
+        assert row.num_trained == sum(prepared[row.index]["trained_mask"][1:])
+    assert report.warnings == []
+
+
+def test_role_attribution_rebuilds_the_prepared_ids(data, tokenizer_dir):
+    run = run_of(data, tokenizer_dir, "--assistant_only_loss", "--max_length", "4096")
+    tok, opts, prepared, _ = reference(run)
+    raw = load_data(str(data))
+    fmt = detect_format(raw.column_names)
+    for i, row in enumerate(raw):
+        ids, mask, roles = attributed_tokens(
+            normalize(row, fmt, row_index=i + 1), tok, opts, special_prefix_ids(tok)
+        )
+        assert ids == prepared[i]["input_ids"] and mask == prepared[i]["trained_mask"]
+        # Trained tokens are assistant tokens, and every assistant message has trained tokens.
+        assert all(r == "assistant" for r, t in zip(roles, trained_positions(mask)) if t)
+
+
+def test_terminal_colours_and_plain_markers(data, tokenizer_dir, monkeypatch):
+    report = inspect(run_of(data, tokenizer_dir, "--assistant_only_loss"), num_examples=1)
+    coloured = render_terminal(report, color=True)
+    assert f"{ANSI_TRAINED}" in coloured and f"{ANSI_MASKED}<|im_start|>" in coloured
+    assert "<|im_end|>\x1b[0m" in coloured  # the end-of-turn token closes a trained span
+    plain = render_terminal(report, color=False)
+    assert "\x1b[" not in plain and "[[" in plain and "<|im_end|>]]" in plain
+    assert "rows read" in plain and "assistant" in plain and "packing" in plain
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not use_color("auto") and use_color("always")
+    monkeypatch.delenv("NO_COLOR")
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert use_color("auto") and not use_color("never")
+
+
+def test_cli_prints_colour_and_writes_html(data, tokenizer_dir, tmp_path, capsys):
+    page = tmp_path / "out" / "report.html"
+    argv = ["inspect", str(data), "--tokenizer", tokenizer_dir, "--assistant_only_loss"]
+    code = cli([*argv, "--color", "always", "--html", str(page), "--num-examples", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and ANSI_TRAINED in out and "example 2 of 2" in out
+    text = page.read_text()
+    assert text.count('class="example"') == 2 and 'class="tok trained"' in text
+    assert "<link" not in text and "src=" not in text  # self-contained: no external assets
+    assert os.listdir(page.parent) == ["report.html"]  # the temporary file was renamed
+    assert cli(["inspect", str(data)]) == 2  # a data file without a tokenizer: a clear error
+    assert "needs a tokenizer" in capsys.readouterr().err
+
+
+def test_warns_when_eos_is_never_trained(data, tokenizer_dir):
+    # The template ends turns with <|im_end|>, so a different eos never appears, never trained.
+    run = run_of(data, tokenizer_dir, "--assistant_only_loss", "--eos_token", "<|endoftext|>")
+    report = inspect(run, num_examples=0)
+    (warning,) = report.warnings
+    assert "'<|endoftext|>' is never trained" in warning.message and not warning.blocking
+
+
+def test_warns_when_the_template_is_not_prefix_preserving(data, tokenizer_dir, tmp_path, capsys):
+    template = tmp_path / "t.jinja"
+    template.write_text(NOT_PREFIX_PRESERVING)
+    argv = ["inspect", str(data), "--tokenizer", tokenizer_dir, "--assistant_only_loss"]
+    code = cli([*argv, "--chat_template_path", str(template), "--color", "never"])
+    out = capsys.readouterr().out
+    assert code == 1  # training would fail on it
+    assert "warning: train data:" in out and "not prefix-preserving" in out
+
+
+def test_warns_about_eval_rows_that_are_train_rows(tokenizer_dir, tmp_path):
+    train_rows = chats(8)
+    copied = json.loads(json.dumps(train_rows[:3]))
+    copied[0]["messages"][0]["content"] += "  "  # whitespace does not hide a duplicate
+    copied[1]["id"] = 7  # nor does an extra column
+    train = write_jsonl(tmp_path / "train.jsonl", train_rows)
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", [*copied, *chats(2, seed=5)])
+    run = run_of(train, tokenizer_dir, "--eval_dataset", str(evaluation))
+    report = inspect(run, num_examples=0)
+    assert [s.name for s in report.splits] == ["train", "eval"]
+    (warning,) = report.warnings
+    assert warning.message.startswith("3 of 5 eval rows also appear in the train data")
+
+
+class DomCounts(HTMLParser):
+    """Trained/masked token spans per example, and each example's data attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.examples: list[dict] = []
+        self.splits: list[dict] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        classes = (a.get("class") or "").split()
+        if "example" in classes:
+            self.examples.append({**a, "trained_spans": 0, "masked_spans": 0, "titles": []})
+        elif "split" in classes:
+            self.splits.append(a)
+        elif tag == "span" and "tok" in classes and self.examples and "data-pos" in a:
+            kind = "trained" if "trained" in classes else "masked"
+            self.examples[-1][f"{kind}_spans"] += 1
+            self.examples[-1]["titles"].append(a["title"])
+
+
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
+    reason="the browser check needs /usr/bin/chromium (apt-get install chromium; .ci/run does)",
+)
+def test_html_in_a_browser_matches_the_statistics(data, tokenizer_dir, tmp_path):
+    page = tmp_path / "inspect.html"
+    argv = ["inspect", str(data), "--tokenizer", tokenizer_dir, "--assistant_only_loss"]
+    assert cli([*argv, "--html", str(page), "--num-examples", "3", "--color", "never"]) == 0
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--dump-dom",
+        page.resolve().as_uri(),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = DomCounts()
+    dom.feed(result.stdout)
+    _, _, prepared, stats = reference(run_of(data, tokenizer_dir, "--assistant_only_loss"))
+    assert len(dom.examples) == 3
+    for n, example in enumerate(dom.examples):
+        ids, mask = prepared[n]["input_ids"], prepared[n]["trained_mask"]
+        trained = sum(mask[1:])  # the statistic: trained tokens of the row
+        assert example["trained_spans"] == int(example["data-trained"]) == trained > 0
+        assert example["masked_spans"] == int(example["data-masked"]) == len(ids) - trained > 0
+        assert example["titles"][:2] == [f"id {ids[0]} · pos 0", f"id {ids[1]} · pos 1"]
+    (split,) = dom.splits
+    assert int(split["data-trained-tokens"]) == stats.trained_tokens
+    assert int(split["data-rows-read"]) == stats.rows_read
