@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,12 @@ from conftest import chats
 from test_cli import write_jsonl
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], tmp_path: Path) -> None:
