@@ -18,7 +18,7 @@ from .inspect_data import add_inspect_parser
 
 def cmd_train(rest: list[str]) -> int:
     from .data.load import load_data, split_eval
-    from .run_config import load_run_config, peft_config_of
+    from .run_config import load_run_config, peft_config_of, quantization_kwargs
     from .trainer import SFTTrainer
 
     config = rest.pop(0) if rest and not rest[0].startswith("--") else None
@@ -31,6 +31,9 @@ def cmd_train(rest: list[str]) -> int:
         raise ChatSFTError(
             "eval_fraction cannot split a stream", field="eval_fraction", hint="use eval_dataset"
         )
+    quantization = quantization_kwargs(run)
+    if quantization:
+        run.sft.model_init_kwargs = {**(run.sft.model_init_kwargs or {}), **quantization}
     train = load_data(run.dataset, run.dataset_split, streaming=run.streaming)
     evaluation = None
     if run.eval_dataset or run.eval_split:

@@ -33,6 +33,7 @@ class RunConfig:
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | str | None = "all-linear"
     lora_modules_to_save: list[str] | None = None
+    load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base weights (bitsandbytes, CUDA only)
 
 
 RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"sft"}
@@ -135,6 +136,44 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> Run
             f"invalid training setting: {err}", source=path or "command line"
         ) from None
     return RunConfig(sft=sft, **run)
+
+
+def quantization_kwargs(run: RunConfig) -> dict[str, Any]:
+    """model_init_kwargs for QLoRA, or {} — with clear errors where it cannot run."""
+    if not run.load_in_4bit:
+        return {}
+    import importlib.util
+
+    import torch
+
+    if not run.use_peft:
+        raise ChatSFTError(
+            "4-bit weights cannot be trained directly",
+            field="load_in_4bit",
+            hint="add use_peft: true",
+        )
+    if not torch.cuda.is_available():
+        raise ChatSFTError(
+            "QLoRA (load_in_4bit) needs a CUDA GPU; bitsandbytes' 4-bit kernels do not run on CPU",
+            field="load_in_4bit",
+            hint="use plain LoRA (use_peft without load_in_4bit) on this machine",
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ChatSFTError(
+            "bitsandbytes is not installed",
+            field="load_in_4bit",
+            hint="pip install 'chatsft[qlora]'",
+        )
+    from transformers import BitsAndBytesConfig
+
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    }
 
 
 def peft_config_of(run: RunConfig) -> Any:
