@@ -75,16 +75,22 @@ def build_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
 
 
 def build_model_config(out_dir: Path, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    # Sized for the demo's time budget; the choices below are the ones that moved held-out accuracy
+    # after a fixed number of steps in our runs.
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
-        intermediate_size=384,
+        intermediate_size=256,
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        # Eight small heads rather than four larger ones: more chances for a head to lock onto the
+        # position an answer character is copied from (reversal came sooner).
+        num_attention_heads=8,
+        num_key_value_heads=8,
         max_position_embeddings=512,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=True,
+        # Untied: with shared input/output embeddings, "read 'a', write 'A'" (upper-casing) took
+        # several times longer to learn than copying.
+        tie_word_embeddings=False,
         bos_token_id=None,
         eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
         pad_token_id=tokenizer.convert_tokens_to_ids(PAD),

@@ -77,17 +77,19 @@ def make_rows(num_train: int, num_eval: int, seed: int = 0) -> tuple[list[dict],
     The held-out prompts are drawn first and then excluded, so the held-out part does not depend
     on num_train: quick and full runs are scored on the same examples.
     """
-    train: list[dict] = []
-    held_out: list[dict] = []
-    for task, n_train, n_eval in zip(
-        TASKS, _split_counts(num_train, len(TASKS)), _split_counts(num_eval, len(TASKS))
-    ):
+    counts = list(
+        zip(TASKS, _split_counts(num_train, len(TASKS)), _split_counts(num_eval, len(TASKS)))
+    )
+    for task, n_train, n_eval in counts:
         if n_train + n_eval > 0.9 * task.num_payloads():
             # Rejection sampling below would crawl (or never end) near the size of the space.
             raise ValueError(
                 f"{n_train + n_eval} {task.name} rows asked for, but only "
                 f"{task.num_payloads()} distinct prompts exist; ask for at most 90% of that"
             )
+    train: list[dict] = []
+    held_out: list[dict] = []
+    for task, n_train, n_eval in counts:
         # One generator per task (string seeds hash deterministically), so the rows of one task
         # do not shift when another task draws more.
         rng = random.Random(f"{seed}:{task.name}")
