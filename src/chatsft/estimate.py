@@ -1349,29 +1349,9 @@ _YAML_KEYS = {
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    import yaml
+    from .run_config import read_config_file
 
-    from .run_config import RUN_KEYS, SFT_KEYS
-
-    if not os.path.exists(path):
-        raise ChatSFTError("config file not found", source=path)
-    with open(path, encoding="utf-8") as f:
-        try:
-            values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ChatSFTError(f"invalid YAML: {err}", source=path) from None
-    if not isinstance(values, dict):
-        raise ChatSFTError("expected a mapping of settings at the top level", source=path)
-    known = RUN_KEYS | SFT_KEYS
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            raise ChatSFTError(
-                "unknown setting",
-                source=path,
-                field=key,
-                hint=f"did you mean '{close[0]}'?" if close else None,
-            )
+    values = read_config_file(path)
     out = {dest: values[key] for key, dest in _YAML_KEYS.items() if key in values}
     if values.get("activation_checkpointing") or values.get("gradient_checkpointing"):
         out["gradient_checkpointing"] = True

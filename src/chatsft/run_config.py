@@ -105,20 +105,24 @@ def _check_keys(values: dict[str, Any], source: str) -> None:
             )
 
 
+def read_config_file(path: str) -> dict[str, Any]:
+    """A run's YAML as a dict of known keys (unknown keys are errors with a did-you-mean)."""
+    if not os.path.exists(path):
+        raise ChatSFTError("config file not found", source=path)
+    with open(path, encoding="utf-8") as f:
+        try:
+            loaded = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ChatSFTError(f"invalid YAML: {err}", source=path) from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ChatSFTError("expected a mapping of settings at the top level", source=path)
+    values = dict(loaded or {})
+    _check_keys(values, path)
+    return values
+
+
 def load_run_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
-    values: dict[str, Any] = {}
-    if path is not None:
-        if not os.path.exists(path):
-            raise ChatSFTError("config file not found", source=path)
-        with open(path, encoding="utf-8") as f:
-            try:
-                loaded = yaml.safe_load(f)
-            except yaml.YAMLError as err:
-                raise ChatSFTError(f"invalid YAML: {err}", source=path) from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ChatSFTError("expected a mapping of settings at the top level", source=path)
-        values = dict(loaded or {})
-        _check_keys(values, path)
+    values = read_config_file(path) if path is not None else {}
     cli = parse_overrides(overrides or [])
     _check_keys(cli, "command line")
     values.update(cli)
