@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -266,6 +267,9 @@ def _run(output_dir: str, size: DemoSize, seed: int) -> dict[str, Any]:
         )
 
     trainer.save_model(output_dir)
+    # The chats too, so `chatsft train examples/demo-continue.yaml` can pick up from here.
+    train_ds.to_json(os.path.join(output_dir, "data", "train.jsonl"), lines=True)
+    eval_ds.to_json(os.path.join(output_dir, "data", "heldout.jsonl"), lines=True)
     # The saved folder must stand on its own: plain transformers classes, same answers.
     reloaded = AutoModelForCausalLM.from_pretrained(output_dir)
     reloaded_tokenizer = AutoTokenizer.from_pretrained(output_dir)
