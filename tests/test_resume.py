@@ -86,3 +86,48 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, model_dir):
     for name in a:
         assert (a[name] == b[name]).all(), name  # bitwise
     assert _losses(full / "checkpoint-16") == _losses(cut / "checkpoint-16")
+
+
+def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, model_dir, monkeypatch):
+    import transformers.modeling_utils
+
+    from chatsft.cli import main
+    from chatsft.trainer import STAGING_DIR, newest_complete_checkpoint
+
+    data = write_jsonl(tmp_path / "d.jsonl", chats(32, seed=2))
+    out = tmp_path / "o"
+    real_save = transformers.modeling_utils.safe_save_file
+    calls = []
+
+    def save_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint's weights
+            raise OSError(28, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_then_fail)
+    argv = [
+        "train",
+        "--model",
+        model_dir,
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_length",
+        "64",
+    ]
+    assert main(argv) == 2
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert newest_complete_checkpoint(str(out)) == str(out / "checkpoint-2")
+    assert (out / STAGING_DIR).is_dir()  # the partial save stays aside
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", real_save)
+    assert main([*argv, "--resume"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (out / STAGING_DIR).exists()

@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ import datasets
 import torch
 import yaml
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import rotate_checkpoints
 
 from .config import SFTConfig
 from .data.collate import PaddedCollator, PaddingFreeCollator
@@ -27,6 +29,7 @@ from .model.load import apply_peft, load_model, load_tokenizer
 from .model.loss import supervised_loss
 
 CONFIG_FILE = "training_config.yaml"
+STAGING_DIR = ".checkpoint-in-progress"
 PREPARED_COLUMNS = (
     "input_ids",
     "trained_mask",
@@ -328,6 +331,35 @@ class SFTTrainer(Trainer):
                 logs["num_trained_tokens"] = self.num_trained_tokens
                 logs["mean_token_accuracy"] = accuracy
         super().log(logs, start_time)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """Write checkpoint-N into a staging folder and rename it when every rank has finished:
+        a crash mid-save never leaves a checkpoint-N that looks complete."""
+        run_dir = self._get_output_dir(trial=trial)
+        staging = os.path.join(run_dir, STAGING_DIR)
+        name = f"checkpoint-{self.state.global_step}"
+        self._get_output_dir = lambda trial=None: staging  # the Trainer saves under this root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)  # a stale folder from an earlier run at the same step
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(staging):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
