@@ -63,7 +63,7 @@ def check_writable(folder: str) -> None:
         raise ChatSFTError("output_dir is a file, not a folder", source=folder, field="output_dir")
     try:
         os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, ".chatsft-write-test")
+        probe = os.path.join(folder, f".chatsft-write-test-{os.getpid()}")  # one per rank
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

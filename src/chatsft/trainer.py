@@ -224,6 +224,17 @@ class SFTTrainer(Trainer):
         if line and args.process_index == 0:
             print(line if line.startswith("[chatsft]") else f"[chatsft] {line}", flush=True)
 
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        if self.args.world_size > 1 and hasattr(loader, "__len__"):
+            # Every rank says what it got, so a rank that drops data is visible in the log.
+            print(
+                f"[chatsft] rank {self.args.process_index} of {self.args.world_size}: "
+                f"{len(loader)} batches of {self.args.per_device_train_batch_size} rows per epoch",
+                flush=True,
+            )
+        return loader
+
     def _set_signature_columns_if_needed(self) -> None:
         # The Trainer would drop columns the model's forward does not name (trained_mask,
         # seq_lengths); our collators consume them.
