@@ -53,7 +53,8 @@ def cmd_train(rest: list[str]) -> int:
         raise err.with_source(run.dataset) from None
     trainer.train(resume_from_checkpoint=resume_point(run))
     save_final(trainer, run.sft.output_dir)
-    print(f"[chatsft] saved to {run.sft.output_dir}: {describe_files(run.sft.output_dir)}")
+    if trainer.args.should_save:
+        print(f"[chatsft] saved to {run.sft.output_dir}: {describe_files(run.sft.output_dir)}")
     return 0
 
 
