@@ -131,11 +131,12 @@ class SFTConfig(TrainingArguments):
             "decreasing). Documents never attend to each other and positions restart per document."
         },
     )
-    padding_free: bool = field(
-        default=False,
+    padding_free: bool | None = field(
+        default=None,
         metadata={
-            "help": "Concatenate each batch into one row without padding; documents stay isolated. "
-            "Implied by packing."
+            "help": "Concatenate each batch into one row without padding; documents stay isolated "
+            "and the loss is the same. None (default): on for transformers models whose attention "
+            "separates documents without a dense mask, off otherwise. Implied by packing."
         },
     )
     pad_to_multiple_of: int | None = field(

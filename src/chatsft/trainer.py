@@ -24,7 +24,7 @@ from .data.streaming import ConstantLengthDataset
 from .data.tokenize import PrepOptions
 from .errors import ChatSFTError
 from .generate import generation_eval_callback_from_config
-from .model.attention import use_document_attention
+from .model.attention import isolates_without_dense_mask, use_document_attention
 from .model.load import apply_peft, load_model, load_tokenizer
 from .model.loss import supervised_loss
 
@@ -66,7 +66,9 @@ def prep_options(args: SFTConfig, tokenizer: Any) -> PrepOptions:
 
 
 def default_collator(args: SFTConfig, model: torch.nn.Module, tokenizer: Any) -> Callable:
-    if args.packing or args.padding_free:
+    # padding_free=None: padding-free wherever it is strictly better (same loss, no pad compute).
+    auto = args.padding_free is None and isolates_without_dense_mask(model)
+    if args.packing or args.padding_free or auto:
         if not isinstance(_base_model(model), PreTrainedModel):
             raise ChatSFTError(
                 "packing and padding_free need a transformers model (documents are separated "

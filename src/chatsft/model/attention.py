@@ -102,6 +102,24 @@ AttentionInterface.register(ATTN_NAME, document_attention)
 AttentionMaskInterface.register(ATTN_NAME, document_mask)
 
 
+def _uses_windows_or_softcap(config) -> bool:
+    return "sliding_attention" in (getattr(config, "layer_types", None) or []) or bool(
+        getattr(config, "attn_logit_softcapping", None)
+    )
+
+
+def isolates_without_dense_mask(model: torch.nn.Module) -> bool:
+    """True if padding-free rows cost this model nothing extra: flash-attn's varlen path, or an
+    SDPA/eager model that chatsft's document attention can take over."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, PreTrainedModel):
+        return False
+    current = base.config._attn_implementation
+    if current in (ATTN_NAME,) or str(current).startswith("flash_attention"):
+        return True
+    return current in ("sdpa", "eager", None) and not _uses_windows_or_softcap(base.config)
+
+
 def use_document_attention(model: torch.nn.Module) -> str | None:
     """Switch an SDPA/eager transformers model to document attention. Returns a line for the log,
     or None if the model keeps its own implementation (flash-attn handles packed rows natively)."""
@@ -112,10 +130,7 @@ def use_document_attention(model: torch.nn.Module) -> str | None:
     current = config._attn_implementation
     if current not in ("sdpa", "eager", None):
         return f"attention: {current} (handles packed rows through position_ids)"
-    special = "sliding_attention" in (getattr(config, "layer_types", None) or []) or getattr(
-        config, "attn_logit_softcapping", None
-    )
-    if special:
+    if _uses_windows_or_softcap(config):
         # Sliding windows and soft-capping are not implemented per document: keep transformers'
         # own path, which isolates packed documents with a dense mask (correct, slower).
         return f"attention: {current} with a dense document mask (model uses windows/soft-capping)"
