@@ -43,9 +43,11 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "trl-packing": ("trl", {"packing": True}),
     "chatsft-default": ("chatsft", {}),
     "chatsft-packing": ("chatsft", {"packing": True}),
-    # Extras (not run by default): TRL without its default gradient checkpointing.
+    # Extras (not run by default): TRL without its default gradient checkpointing, and chatsft
+    # with the batches of chatsft-default fed padding-free.
     "trl-nogc": ("trl", {"gradient_checkpointing": False}),
     "trl-packing-nogc": ("trl", {"packing": True, "gradient_checkpointing": False}),
+    "chatsft-padding-free": ("chatsft", {"padding_free": True}),
 }
 DEFAULT_CONFIGS = ("trl-default", "trl-packing", "chatsft-default", "chatsft-packing")
 
