@@ -121,3 +121,35 @@ def chats(n: int = 16, seed: int = 0) -> list[dict]:
             msgs.append({"role": "assistant", "content": " ".join(rng.sample(WORDS, 3))})
         rows.append({"messages": msgs})
     return rows
+
+
+CHROMIUM = "/usr/bin/chromium"
+# .ci/run installs Chromium, so in CI a missing browser fails the test instead of skipping it.
+needs_chromium = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
+    reason="the browser check needs /usr/bin/chromium (apt-get install chromium; .ci/run does)",
+)
+
+
+def dump_dom(page, tmp_path) -> str:
+    """The page's DOM after headless Chromium has loaded it (scripts run, images decoded)."""
+    import subprocess
+
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--dump-dom",
+        page.resolve().as_uri(),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout

@@ -6,13 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import chats
+from conftest import chats, dump_dom, needs_chromium
 from transformers import AutoTokenizer
 
 from chatsft.data.formats import detect_format, normalize
@@ -36,7 +35,6 @@ from chatsft.model.load import load_tokenizer
 from chatsft.run_config import load_run_config
 from chatsft.trainer import prep_options
 
-CHROMIUM = "/usr/bin/chromium"
 # The last message is rendered differently from the same message inside a longer conversation.
 NOT_PREFIX_PRESERVING = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}{% if loop.last %} (last){% endif %}\n"
@@ -210,33 +208,14 @@ class DomCounts(HTMLParser):
             self.examples[-1]["titles"].append(a["title"])
 
 
-@pytest.mark.skipif(
-    not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
-    reason="the browser check needs /usr/bin/chromium (apt-get install chromium; .ci/run does)",
-)
+@needs_chromium
 def test_html_in_a_browser_matches_the_statistics(data, tokenizer_dir, tmp_path):
     page = tmp_path / "inspect.html"
     argv = ["inspect", str(data), "--tokenizer", tokenizer_dir, "--assistant_only_loss"]
     assert cli([*argv, "--html", str(page), "--num-examples", "3", "--color", "never"]) == 0
-    cmd = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--dump-dom",
-        page.resolve().as_uri(),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
-    assert result.returncode == 0, result.stderr[-2000:]
+    html = dump_dom(page, tmp_path)
     dom = DomCounts()
-    dom.feed(result.stdout)
+    dom.feed(html)
     _, _, prepared, stats = reference(run_of(data, tokenizer_dir, "--assistant_only_loss"))
     assert len(dom.examples) == 3
     for n, example in enumerate(dom.examples):

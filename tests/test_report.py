@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import re
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import chats
+from conftest import CHROMIUM, chats, dump_dom
 from datasets import Dataset
 from transformers import TrainerState, TrainingArguments
 
@@ -26,11 +25,6 @@ from chatsft.report import (
 )
 
 CHARTS = ("loss.png", "learning_rate.png", "tokens_per_second.png", "trained_tokens.png")
-CHROMIUM = "/usr/bin/chromium"
-needs_chromium = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
-    reason="the browser check needs /usr/bin/chromium (apt-get install chromium; .ci/run does)",
-)
 
 HISTORY = [
     {"loss": 2.0, "learning_rate": 1e-3, "num_trained_tokens": 100, "step": 1, "epoch": 0.5},
@@ -45,27 +39,6 @@ def png_size(path: Path) -> tuple[int, int]:
     head = path.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", f"{path} is not a PNG"
     return struct.unpack(">II", head[16:24])
-
-
-def dump_dom(page: Path, tmp_path: Path) -> str:
-    cmd = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--dump-dom",
-        page.resolve().as_uri(),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
 
 
 def test_throughput_leaves_out_eval_time():

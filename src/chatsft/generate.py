@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ from .data.formats import (
 )
 from .data.templates import render_chat
 from .errors import ChatSFTError
+from .files import write_atomic
 from .model.load import check_model_ref, load_model, load_tokenizer, read_chat_template
 
 Prompt = str | list[dict[str, Any]]
@@ -770,16 +770,4 @@ def write_jsonl(path: str | None, records: list[dict[str, Any]]) -> None:
     if path is None:
         sys.stdout.write(lines)
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".chatsft-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(lines)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, lines)

@@ -33,7 +33,7 @@ from .data.templates import render_chat, render_segments
 from .data.tokenize import PrepOptions, PrepStats, fit_length, special_prefix_ids
 from .errors import ChatSFTError
 from .model.load import load_tokenizer
-from .report import write_atomic
+from .files import write_atomic
 from .run_config import RunConfig, load_run_config, parse_overrides
 from .trainer import prep_options
 

@@ -11,13 +11,14 @@ import html
 import io
 import json
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .files import write_atomic
 
 PLOT_SIZE_IN = (8, 5)
 PLOT_DPI = 100  # 800 × 500 px: a fixed size, so reports of different runs line up
@@ -27,23 +28,6 @@ MATPLOTLIB_HINT = (
     "pip install 'chatsft[report]' to get them"
 )
 Series = tuple[list[float], list[float]]  # (steps, values)
-
-
-def write_atomic(path: str, data: str | bytes) -> None:
-    """Write beside the target, then rename: a reader never sees a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".chatsft-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 @dataclass
