@@ -32,8 +32,8 @@ from .data.prepare import prepare_for_training
 from .data.templates import render_chat, render_segments
 from .data.tokenize import PrepOptions, PrepStats, fit_length, special_prefix_ids
 from .errors import ChatSFTError
-from .model.load import load_tokenizer
 from .files import write_atomic
+from .model.load import load_tokenizer
 from .run_config import RunConfig, load_run_config, parse_overrides
 from .trainer import prep_options
 
