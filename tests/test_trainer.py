@@ -238,3 +238,18 @@ def test_bf16_autocast_training_runs_with_the_chunked_loss(tmp_path, model_dir):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses and all(0 < x < 20 for x in losses)
+
+
+def test_torch_compile_gives_the_same_losses(tmp_path, tokenizer):
+    """torch_compile is opt-in; on CPU it must train exactly like eager (about 40 s of compiling)."""
+    losses = []
+    for compiled in (False, True):
+        trainer = SFTTrainer(
+            model=make_model(tokenizer, seed=3),
+            args=args(tmp_path, max_steps=3, torch_compile=compiled, lr_scheduler_type="constant"),
+            processing_class=tokenizer,
+            train_dataset=datasets.Dataset.from_list(chats(12)),
+        )
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
