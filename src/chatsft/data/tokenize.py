@@ -6,6 +6,7 @@ cache: a second run over the same files with the same settings reuses the result
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -189,7 +190,7 @@ def prepare_dataset(
         batched=True,
         with_indices=True,
         batch_size=500,
-        num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) >= 2000 else None,
+        num_proc=_processes(num_proc, len(dataset)),
         remove_columns=dataset.column_names,
         fn_kwargs={
             "tokenizer": tokenizer,
@@ -229,6 +230,16 @@ def prepare_dataset(
     stats.total_tokens = sum(lengths)
     stats.trained_tokens = sum(sum(m[1:]) for m in tokenized["trained_mask"])
     return tokenized, stats
+
+
+AUTO_PROCESSES_FROM_ROWS = 10_000  # below this, starting worker processes costs more than it saves
+
+
+def _processes(requested: int | None, rows: int) -> int | None:
+    """dataset_num_proc, or by default every core (up to 8) for large datasets."""
+    if requested is None:
+        requested = min(os.cpu_count() or 1, 8) if rows >= AUTO_PROCESSES_FROM_ROWS else 1
+    return requested if requested > 1 and rows >= 2000 else None
 
 
 def _formatting_func_format(dataset: datasets.Dataset, formatting_func: Callable) -> str:
