@@ -714,8 +714,8 @@ def _loss_buffers(model: _Model, tokens: int) -> tuple[int, int]:
 
     The chunked cross-entropy computes gradients in its forward: an fp32 [vocab, hidden] gradient
     for the head and a [tokens, hidden] gradient for the hidden states, while it walks fp32
-    [chunk, vocab] logits (chunk = max(64, 128 Mi / vocab) rows). torch.logsumexp takes
-    exp(logits - max) out of place, so two such blocks are alive at once. Its backward scales both
+    [chunk, vocab] logits (chunk = max(64, 128 Mi / vocab) rows), turned into exp and softmax in
+    place, so one such block is alive at a time. Its backward scales both
     gradients into new tensors while the saved ones are still alive. Every position is assumed
     trained (the worst case)."""
     s = model.shape
@@ -728,7 +728,7 @@ def _loss_buffers(model: _Model, tokens: int) -> tuple[int, int]:
     head_fp32 = s.vocab * s.hidden * 4
     upcast = head_fp32 if model.weight_dtype != torch.float32 else 0  # weight.float() copy
     grad_hidden = tokens * s.hidden * hidden_bytes
-    blocks = 2 * chunk * s.vocab * 4 + 2 * chunk * s.hidden * 4  # logits, exp temp, h and dh
+    blocks = chunk * s.vocab * 4 + 2 * chunk * s.hidden * 4  # logits (exp in place), h and dh
     forward = selected + head_fp32 + grad_hidden + blocks + upcast
     backward = 2 * head_fp32 + 2 * grad_hidden
     if model.weight_dtype != torch.float32:
