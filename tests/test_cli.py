@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import chats
+from conftest import chats, offline_env
 
 from chatsft.cli import main
 from chatsft.run_config import load_run_config
@@ -24,7 +23,7 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = offline_env()
     return subprocess.run(
         [sys.executable, "-m", "chatsft", *argv],
         capture_output=True,

@@ -4,14 +4,13 @@ normalised by the global trained-token count, so per-step losses and final weigh
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import chats
+from conftest import chats, offline_env
 from test_cli import write_jsonl
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
@@ -24,7 +23,7 @@ def _free_port() -> int:
 
 
 def _run(cmd: list[str], tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = offline_env()
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -60,7 +59,7 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, model_dir, padding
 def test_torchrun_runs_the_cli(tmp_path, model_dir):
     data = write_jsonl(tmp_path / "d.jsonl", chats(16, seed=3))
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = offline_env()
     cmd = [
         sys.executable,
         "-m",

@@ -4,20 +4,19 @@ the same final weights as a run that was never interrupted (deterministic CPU pa
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from conftest import chats
+from conftest import chats, offline_env
 from safetensors.torch import load_file
 from test_cli import write_jsonl
 
 
 def _cli(args: list[str], tmp_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = offline_env()
     return subprocess.Popen(
         [sys.executable, "-m", "chatsft", "train", *args],
         cwd=tmp_path,

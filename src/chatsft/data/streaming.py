@@ -62,12 +62,13 @@ class ConstantLengthDataset(torch.utils.data.IterableDataset):
         )
         outcome: dict[int, str] = {}
         kept = []
-        for ids, mask, why, row in zip(
-            out["input_ids"], out["trained_mask"], out["_status"], out["_row"]
+        for ids, mask, why, row, n_trained in zip(
+            out["input_ids"], out["trained_mask"], out["_status"], out["_row"], out["_trained"]
         ):
             outcome.setdefault(row, why)
             if why in ("", "truncated", "split"):
                 kept.append({"input_ids": ids, "trained_mask": mask})
+                self.stats.trained_tokens += n_trained
         counts = Counter(outcome.values())
         s = self.stats
         s.rows_read += len(chunk)
@@ -78,7 +79,6 @@ class ConstantLengthDataset(torch.utils.data.IterableDataset):
             s.dropped[why] = s.dropped.get(why, 0) + n
         s.kept = s.rows_read - sum(s.dropped.values())
         s.total_tokens += sum(len(k["input_ids"]) for k in kept)
-        s.trained_tokens += sum(sum(k["trained_mask"][1:]) for k in kept)
         return kept
 
     def _packed(self, docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:

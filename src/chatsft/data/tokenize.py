@@ -20,6 +20,8 @@ from .templates import render_segments
 
 OVERLONG_POLICIES = ("truncate", "drop", "split", "error")
 DROP_TOO_LONG = "longer than max_length"
+# Per-row columns the map adds for counting; removed before the dataset is returned.
+BOOKKEEPING = ("_status", "_row", "_tokens", "_trained")
 DROP_NO_TRAINED = "no trained token left"
 
 
@@ -148,7 +150,7 @@ def _tokenize_batch(
         for (_, trained), owner, ids in zip(all_segments, owners, seg_ids):
             ids_out[owner] += ids
             mask_out[owner] += [trained] * len(ids)
-    out: dict[str, list] = {"input_ids": [], "trained_mask": [], "_status": [], "_row": []}
+    out: dict[str, list] = {k: [] for k in ("input_ids", "trained_mask", *BOOKKEEPING)}
     for row_index, ids, mask in zip(indices, ids_out, mask_out):
         rows, why = fit_length(
             ids, mask, opts.max_length, opts.overlong_policy, opts.truncation_mode
@@ -163,6 +165,8 @@ def _tokenize_batch(
             out["trained_mask"].append(m)
             out["_status"].append(why)
             out["_row"].append(row_index)
+            out["_tokens"].append(len(i))
+            out["_trained"].append(sum(m[1:]))
     return out
 
 
@@ -179,12 +183,11 @@ def prepare_dataset(
     """Tokenize a raw dataset. Returns the kept rows (input_ids, trained_mask) and the counts."""
     if len(dataset) == 0:
         raise ChatSFTError(f"the {name} dataset is empty", source=source)
-    fmt = "text" if formatting_func is not None else None
-    if fmt is None:
-        fmt = detect_format(dataset.column_names, opts.dataset_text_field, opts.dataset_format)
     if formatting_func is not None:
-        # The function decides text vs messages per row; normalise() is told by the returned keys.
+        # What the function returns (a string or messages) decides the format.
         fmt = _formatting_func_format(dataset, formatting_func)
+    else:
+        fmt = detect_format(dataset.column_names, opts.dataset_text_field, opts.dataset_format)
     tokenized = dataset.map(
         _tokenize_batch,
         batched=True,
@@ -225,11 +228,11 @@ def prepare_dataset(
         )
     if len(keep) < len(tokenized):
         tokenized = tokenized.select(keep)
-    tokenized = tokenized.remove_columns(["_status", "_row"])
-    lengths = [len(x) for x in tokenized["input_ids"]]
-    stats.total_tokens = sum(lengths)
-    stats.trained_tokens = sum(sum(m[1:]) for m in tokenized["trained_mask"])
-    return tokenized, stats
+    # Counted inside the (parallel) map: reading the token columns back here would be a Python
+    # loop over every token.
+    stats.total_tokens = sum(tokenized["_tokens"])
+    stats.trained_tokens = sum(tokenized["_trained"])
+    return tokenized.remove_columns(list(BOOKKEEPING)), stats
 
 
 AUTO_PROCESSES_FROM_ROWS = 10_000  # below this, starting worker processes costs more than it saves
