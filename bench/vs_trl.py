@@ -48,6 +48,17 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "trl-nogc": ("trl", {"gradient_checkpointing": False}),
     "trl-packing-nogc": ("trl", {"packing": True, "gradient_checkpointing": False}),
     "chatsft-padding-free": ("chatsft", {"padding_free": True}),
+    # Packing with activation checkpointing on every 2nd decoder layer (transformers' every_n_layers),
+    # or on all of them: less memory for some recomputation.
+    "chatsft-packing-gc2": (
+        "chatsft",
+        {
+            "packing": True,
+            "gradient_checkpointing": True,
+            "gradient_checkpointing_kwargs": {"every_n_layers": 2},
+        },
+    ),
+    "chatsft-packing-gc": ("chatsft", {"packing": True, "gradient_checkpointing": True}),
 }
 DEFAULT_CONFIGS = ("trl-default", "trl-packing", "chatsft-default", "chatsft-packing")
 

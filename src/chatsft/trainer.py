@@ -84,6 +84,15 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _activation_kind(args: SFTConfig, model: torch.nn.Module) -> tuple[str, torch.dtype | None]:
+    """(device type, dtype) that attention will see in training, for the log line."""
+    if args.bf16:
+        return args.device.type, torch.bfloat16
+    if args.fp16:
+        return args.device.type, torch.float16
+    return args.device.type, next(model.parameters(), torch.empty(0)).dtype
+
+
 class SFTTrainer(Trainer):
     """Drop-in replacement for `trl.SFTTrainer`."""
 
@@ -168,7 +177,7 @@ class SFTTrainer(Trainer):
         if data_collator is None:
             data_collator = default_collator(args, model, tokenizer)
             if isinstance(data_collator, PaddingFreeCollator):
-                self._say(args, use_document_attention(model))
+                self._say(args, use_document_attention(model, *_activation_kind(args, model)))
         super().__init__(
             model=model,
             args=args,

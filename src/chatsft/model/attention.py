@@ -3,16 +3,22 @@
 A padding-free row holds several documents back to back ([1, total_tokens]); their boundaries are
 where position_ids restart at 0 (or `cu_seq_lens_q`, when a caller passes it). The
 stock SDPA path would build a [total, total] boolean mask for that; instead each document runs its
-own causal attention:
+own causal attention, through the first of these that applies:
 - flash-attn's varlen kernel on CUDA when the optional extra is installed;
+- PyTorch's own varlen flash kernel (`torch.nn.attention.varlen`, torch >= 2.10) on CUDA in
+  bf16/fp16: one kernel launch per layer, no recompilation, no extra package;
 - otherwise one causal SDPA call per document (on CPU this is PyTorch's fused flash kernel, with a
   backward pass, unlike FlexAttention on CPU).
+Boundaries are read once per forward (one host sync), not once per layer.
 Everything else (padded batches, generation with a KV cache) goes to transformers' SDPA unchanged.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +26,17 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+try:
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
+except ImportError:  # torch < 2.10
+    _torch_varlen_attn = None
+
 ATTN_NAME = "chatsft_docs"
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+_VARLEN_PARAMS = (
+    set(inspect.signature(_torch_varlen_attn).parameters) if _torch_varlen_attn else set()
+)
+HALF = (torch.bfloat16, torch.float16)
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -29,6 +44,38 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     starts = torch.nonzero(position_ids[0] == 0).flatten()
     total = torch.tensor([position_ids.shape[1]], device=position_ids.device)
     return torch.cat([starts, total]).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class Boundaries:
+    cu: torch.Tensor  # [num_docs + 1] int32, on the model's device
+    offsets: list[int]  # the same on the host
+    max_len: int
+
+
+# Every layer of one forward receives the same position_ids tensor. Holding a reference to it keeps
+# its memory from being reused, so identity (plus its version counter) safely says "same batch".
+_last_boundaries: tuple[torch.Tensor, int, Boundaries] | None = None
+
+
+def _boundaries(position_ids: torch.Tensor) -> Boundaries:
+    global _last_boundaries
+    cached = _last_boundaries
+    if cached is not None and cached[0] is position_ids and cached[1] == position_ids._version:
+        return cached[2]
+    cu = cu_seqlens_from_position_ids(position_ids)
+    offsets = cu.tolist()
+    max_len = max(e - s for s, e in zip(offsets[:-1], offsets[1:]))
+    found = Boundaries(cu, offsets, max_len)
+    _last_boundaries = (position_ids, position_ids._version, found)
+    return found
+
+
+def _given_boundaries(cu: torch.Tensor, max_len: int | None) -> Boundaries:
+    offsets = cu.tolist()
+    if max_len is None:
+        max_len = max(e - s for s, e in zip(offsets[:-1], offsets[1:]))
+    return Boundaries(cu.to(torch.int32), offsets, int(max_len))
 
 
 def _per_document_sdpa(query, key, value, cu: list[int], scaling, dropout) -> torch.Tensor:
@@ -47,14 +94,65 @@ def _per_document_sdpa(query, key, value, cu: list[int], scaling, dropout) -> to
     return torch.cat(outs, dim=2)
 
 
-def _flash_varlen(query, key, value, cu: torch.Tensor, max_len: int, scaling, dropout):
+def _flash_varlen(query, key, value, b: Boundaries, scaling, dropout):
     from flash_attn import flash_attn_varlen_func
 
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, dim]
     out = flash_attn_varlen_func(
-        q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scaling, causal=True
+        q,
+        k,
+        v,
+        b.cu,
+        b.cu,
+        b.max_len,
+        b.max_len,
+        dropout_p=dropout,
+        softmax_scale=scaling,
+        causal=True,
     )
     return out.transpose(0, 1).unsqueeze(0)
+
+
+def _half_dtype(query: torch.Tensor) -> torch.dtype | None:
+    """The 16-bit dtype the attention would run in (flash kernels have no fp32), or None."""
+    if query.dtype in HALF:
+        return query.dtype
+    if torch.is_autocast_enabled(query.device.type):
+        dtype = torch.get_autocast_dtype(query.device.type)
+        return dtype if dtype in HALF else None
+    return None
+
+
+def _torch_varlen(query, key, value, b: Boundaries, scaling, dtype: torch.dtype):
+    """PyTorch's varlen flash attention; its signature changed between 2.10 and 2.12."""
+    q, k, v = (x[0].transpose(0, 1).to(dtype).contiguous() for x in (query, key, value))
+    kwargs: dict = {}  # q, k, v: [T, heads, dim]
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in _VARLEN_PARAMS:
+            kwargs["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if scaling is not None:
+        if "scale" in _VARLEN_PARAMS:
+            kwargs["scale"] = scaling
+        else:
+            q = q * (scaling * math.sqrt(q.shape[-1]))  # the kernel applies 1/sqrt(dim)
+    if "window_size" in _VARLEN_PARAMS:
+        kwargs["window_size"] = (-1, 0)  # causal
+    else:
+        kwargs["is_causal"] = True
+    out = _torch_varlen_attn(q, k, v, b.cu, b.cu, b.max_len, b.max_len, **kwargs)
+    return out.transpose(0, 1).unsqueeze(0)
+
+
+def attention_kernel(device_type: str, dtype: torch.dtype | None, dropout: float = 0.0) -> str:
+    """Which kernel document attention uses for these inputs (also what the log says)."""
+    if device_type == "cuda" and HAS_FLASH_ATTN:
+        return "flash-attn varlen"
+    if device_type == "cuda" and _torch_varlen_attn and dtype in HALF and not dropout:
+        return "PyTorch varlen flash attention"
+    return "one causal SDPA call per document"
 
 
 def document_attention(
@@ -69,22 +167,27 @@ def document_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """query [batch, heads, T, dim] → output [batch, T, heads, dim], as transformers expects."""
-    cu = kwargs.get("cu_seq_lens_q")
     single_row = query.shape[0] == 1 and query.shape[2] == key.shape[2]
-    if cu is None and single_row and attention_mask is None:
+    bounds = None
+    if kwargs.get("cu_seq_lens_q") is not None:
+        bounds = _given_boundaries(kwargs["cu_seq_lens_q"], kwargs.get("max_length_q"))
+    elif single_row and attention_mask is None:
         position_ids = kwargs.get("position_ids")
         if position_ids is not None and position_ids.shape[0] == 1:
-            cu = cu_seqlens_from_position_ids(position_ids)
-    if cu is None or attention_mask is not None or not single_row:
+            bounds = _boundaries(position_ids)
+    if bounds is None or attention_mask is not None or not single_row:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
     dropout = dropout if module.training else 0.0
-    if HAS_FLASH_ATTN and query.is_cuda:
-        max_len = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
-        out = _flash_varlen(query, key, value, cu.to(torch.int32), max_len, scaling, dropout)
+    half = _half_dtype(query)
+    kernel = attention_kernel(query.device.type, half, dropout)
+    if kernel == "flash-attn varlen":
+        out = _flash_varlen(query, key, value, bounds, scaling, dropout)
+    elif kernel == "PyTorch varlen flash attention":
+        out = _torch_varlen(query, key, value, bounds, scaling, half)
     else:
-        out = _per_document_sdpa(query, key, value, cu.tolist(), scaling, dropout)
+        out = _per_document_sdpa(query, key, value, bounds.offsets, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -120,9 +223,12 @@ def isolates_without_dense_mask(model: torch.nn.Module) -> bool:
     return current in ("sdpa", "eager", None) and not _uses_windows_or_softcap(base.config)
 
 
-def use_document_attention(model: torch.nn.Module) -> str | None:
-    """Switch an SDPA/eager transformers model to document attention. Returns a line for the log,
-    or None if the model keeps its own implementation (flash-attn handles packed rows natively)."""
+def use_document_attention(
+    model: torch.nn.Module, device_type: str = "cpu", dtype: torch.dtype | None = None
+) -> str | None:
+    """Switch an SDPA/eager transformers model to document attention. Returns a line for the log
+    naming the kernel that will run on `device_type` with activations in `dtype`, or None if the
+    model keeps its own implementation (flash-attn handles packed rows natively)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not isinstance(base, PreTrainedModel):
         return None
@@ -135,5 +241,5 @@ def use_document_attention(model: torch.nn.Module) -> str | None:
         # own path, which isolates packed documents with a dense mask (correct, slower).
         return f"attention: {current} with a dense document mask (model uses windows/soft-capping)"
     base.set_attn_implementation(ATTN_NAME)
-    kernel = "flash-attn varlen" if HAS_FLASH_ATTN else "one causal SDPA call per document"
+    kernel = attention_kernel(device_type, dtype)
     return f"attention: document-isolated, {kernel}; no dense mask over packed rows"
