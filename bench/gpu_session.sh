@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session (bench/README.md): install the carried wheels, check the GPU-only code paths,
 # then run the GPU workload config by config, each in its own process with its own time limit.
-# Results: $OUT/checks.txt, $OUT/<config>.json, $OUT/log.txt.
+# Results: $OUT/checks.txt, $OUT/<config>.json, $OUT/log.txt, $OUT/<config>.profile.txt.
 set -u
 OUT=${OUT:-/tmp/chatsft-gpu}
 mkdir -p "$OUT"
@@ -25,3 +25,10 @@ for config in ${CONFIGS:-chatsft-packing chatsft-default chatsft-packing-gc2 trl
     echo "== $config: exit $rc after $(($(date +%s) - start)) s"
     grep -E "^\| $config \|" "$OUT/log.txt" | tail -n 1
 done
+# A short profiled run (torch.profiler tables by host and device time) after the timed ones.
+if [ -n "${PROFILE_CONFIG:-}" ]; then
+    timeout "${CONFIG_LIMIT:-200}" python3 bench/vs_trl.py --workload gpu \
+        --shared "${SHARED:-.gpu/shared_bench}" --configs "$PROFILE_CONFIG" --steps 9 --warmup 6 \
+        --profile "$OUT" >>"$OUT/log.txt" 2>&1
+    echo "== profile of $PROFILE_CONFIG: exit $?"
+fi

@@ -54,11 +54,23 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "chatsft",
         {
             "packing": True,
-            "gradient_checkpointing": True,
-            "gradient_checkpointing_kwargs": {"every_n_layers": 2},
+            "activation_checkpointing": True,
+            "activation_checkpointing_kwargs": {"every_n_layers": 2},
         },
     ),
-    "chatsft-packing-gc": ("chatsft", {"packing": True, "gradient_checkpointing": True}),
+    "chatsft-packing-gc": ("chatsft", {"packing": True, "activation_checkpointing": True}),
+    # torch_compile: chatsft compiles each decoder layer in place (dynamic length).
+    "chatsft-packing-compile": ("chatsft", {"packing": True, "torch_compile": True}),
+    "chatsft-default-compile": ("chatsft", {"torch_compile": True}),
+    "chatsft-packing-gc2-compile": (
+        "chatsft",
+        {
+            "packing": True,
+            "torch_compile": True,
+            "activation_checkpointing": True,
+            "activation_checkpointing_kwargs": {"every_n_layers": 2},
+        },
+    ),
 }
 DEFAULT_CONFIGS = ("trl-default", "trl-packing", "chatsft-default", "chatsft-packing")
 
@@ -197,7 +209,8 @@ def _make_meter(device: str, warmup: int, steps: int) -> Any:
 
 
 def _make_profiler(out_dir: Path, name: str, start: int, n_steps: int) -> Any:
-    """torch.profiler over steps start+1..start+n_steps; tables go to out_dir/name.*.txt."""
+    """torch.profiler over steps start+1..start+n_steps; its tables go to out_dir/name.profile.txt
+    (by host time, by device time on CUDA, and by input shape)."""
     import torch
     from transformers import TrainerCallback
 
@@ -215,12 +228,20 @@ def _make_profiler(out_dir: Path, name: str, start: int, n_steps: int) -> Any:
                 self.prof.__exit__(None, None, None)
                 out_dir.mkdir(parents=True, exist_ok=True)
                 avg = self.prof.key_averages()
-                for key in ("self_cpu_time_total", "cpu_time_total"):
-                    table = avg.table(sort_by=key, row_limit=45, max_name_column_width=70)
-                    (out_dir / f"{name}.{key}.txt").write_text(table)
+                keys = ["self_cpu_time_total", "cpu_time_total"]
+                if torch.cuda.is_available():
+                    keys.append("self_cuda_time_total")
+                tables = [
+                    f"== {name}: sorted by {key}\n"
+                    + avg.table(sort_by=key, row_limit=45, max_name_column_width=70)
+                    for key in keys
+                ]
                 shapes = self.prof.key_averages(group_by_input_shape=True)
-                table = shapes.table(sort_by="self_cpu_time_total", row_limit=30)
-                (out_dir / f"{name}.by_shape.txt").write_text(table)
+                tables.append(
+                    f"== {name}: by input shape\n"
+                    + shapes.table(sort_by="self_cpu_time_total", row_limit=30)
+                )
+                (out_dir / f"{name}.profile.txt").write_text("\n\n".join(tables))
                 self.prof = None
 
     return Profile()

@@ -252,4 +252,6 @@ def test_torch_compile_gives_the_same_losses(tmp_path, tokenizer):
         )
         trainer.train()
         losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+        layers = trainer.model.model.layers
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in layers)
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)

@@ -25,6 +25,7 @@ from .data.tokenize import PrepOptions
 from .errors import ChatSFTError
 from .generate import generation_eval_callback_from_config
 from .model.attention import isolates_without_dense_mask, use_document_attention
+from .model.compile import compile_decoder_layers
 from .model.load import apply_peft, load_model, load_tokenizer
 from .model.loss import supervised_loss
 
@@ -178,6 +179,15 @@ class SFTTrainer(Trainer):
             data_collator = default_collator(args, model, tokenizer)
             if isinstance(data_collator, PaddingFreeCollator):
                 self._say(args, use_document_attention(model, *_activation_kind(args, model)))
+        # torch_compile: compile the decoder layers ourselves (regional, dynamic length) unless
+        # FSDP/DeepSpeed wrap the model, where accelerate's own compile path applies.
+        self._compiled_layers = False
+        if args.torch_compile and not (args.fsdp or args.deepspeed):
+            line = compile_decoder_layers(
+                model, args.torch_compile_backend, args.torch_compile_mode
+            )
+            self._compiled_layers = line is not None
+            self._say(args, line)
         super().__init__(
             model=model,
             args=args,
@@ -234,6 +244,12 @@ class SFTTrainer(Trainer):
     def _say(args: SFTConfig, line: str | None) -> None:
         if line and args.process_index == 0:
             print(line if line.startswith("[chatsft]") else f"[chatsft] {line}", flush=True)
+
+    def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        if self._compiled_layers:  # the layers are compiled: accelerate must not compile it all
+            accelerator_args.pop("dynamo_plugin", None)
+        return accelerator_args
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()

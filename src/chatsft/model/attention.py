@@ -155,6 +155,7 @@ def attention_kernel(device_type: str, dtype: torch.dtype | None, dropout: float
     return "one causal SDPA call per document"
 
 
+@torch.compiler.disable  # reads boundaries on the host: the compiled layer calls it eagerly
 def document_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
