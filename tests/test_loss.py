@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import chats, make_model
 
 from chatsft import SFTConfig, SFTTrainer
-from chatsft.data.collate import PaddedCollator, PaddingFreeCollator
+from chatsft.data.collate import PaddedCollator, PaddingFreeCollator, bucket_length
 from chatsft.data.packing import best_fit_decreasing, pack_dataset
 from chatsft.data.prepare import prepare_for_training
 from chatsft.data.tokenize import PrepOptions
@@ -48,10 +48,13 @@ def test_loss_matches_full_logit_cross_entropy(tokenizer, chunked, tied):
     assert parts.num_tokens == (labels[:, 1:] != -100).sum()
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "document"])
-def test_packed_equals_unpacked(tokenizer, attention):
+@pytest.mark.parametrize(
+    ("attention", "filler"), [("sdpa", None), ("document", None), ("document", 64), ("sdpa", 64)]
+)
+def test_packed_equals_unpacked(tokenizer, attention, filler):
     """Same documents, padded rows vs one padding-free packed row: same summed loss and gradient,
-    with transformers' dense-mask SDPA and with chatsft's per-document attention."""
+    with transformers' dense-mask SDPA and with chatsft's per-document attention, also when the
+    row ends with a filler document (pad_to_multiple_of)."""
     model = make_model(tokenizer)
     if attention == "document":
         assert "document-isolated" in use_document_attention(model)
@@ -59,7 +62,10 @@ def test_packed_equals_unpacked(tokenizer, attention):
     padded = PaddedCollator(tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
     packed_ds = pack_dataset(ds, max_length=256)
     assert len(packed_ds) < len(ds)
-    flat = PaddingFreeCollator()([packed_ds[i] for i in range(len(packed_ds))])
+    collator = PaddingFreeCollator(tokenizer.pad_token_id, pad_to_multiple_of=filler)
+    flat = collator([packed_ds[i] for i in range(len(packed_ds))])
+    if filler:
+        assert collator.filler_tokens > 0 and flat["input_ids"].shape[1] % filler == 0
     a, _ = supervised_loss(
         model, {k: v for k, v in padded.items() if k != "labels"}, padded["labels"]
     )
@@ -73,6 +79,31 @@ def test_packed_equals_unpacked(tokenizer, attention):
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+def test_filler_document_layout():
+    """The filler is one extra document of pad tokens: positions restart, nothing is trained."""
+    docs = [
+        {"input_ids": [5, 6, 7], "trained_mask": [False, True, True]},
+        {"input_ids": [8, 9], "trained_mask": [True, True]},
+    ]
+    collator = PaddingFreeCollator(pad_token_id=0, pad_to_multiple_of=8)
+    batch = collator(docs)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100, -100]]
+    assert collator.filler_tokens == 3
+    assert PaddingFreeCollator(bucket=True)(docs)["input_ids"].shape == (1, 64)
+    assert [bucket_length(n) for n in (1, 64, 65, 1000, 3000, 16300, 16384, 16385)] == [
+        64,
+        64,
+        128,
+        1024,
+        3072,
+        16384,
+        16384,
+        18432,
+    ]
 
 
 def test_best_fit_decreasing_keeps_every_document_once():

@@ -144,7 +144,12 @@ class SFTConfig(TrainingArguments):
         },
     )
     pad_to_multiple_of: int | None = field(
-        default=None, metadata={"help": "Pad padded batches to a multiple of this length."}
+        default=None,
+        metadata={
+            "help": "Pad each batch to a multiple of this length (padding-free rows: with a filler "
+            "document that trains nothing). Padding-free rows on CUDA are otherwise rounded up to "
+            "one of 8 lengths per power of two."
+        },
     )
 
     # --- evaluation ------------------------------------------------------------------------------
