@@ -147,8 +147,7 @@ class SFTConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Pad each batch to a multiple of this length (padding-free rows: with a filler "
-            "document that trains nothing). Padding-free rows on CUDA are otherwise rounded up to "
-            "one of 8 lengths per power of two."
+            "document that trains nothing)."
         },
     )
 

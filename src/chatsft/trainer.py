@@ -77,13 +77,8 @@ def default_collator(args: SFTConfig, model: torch.nn.Module, tokenizer: Any) ->
                 field="packing",
                 hint="set packing: false for a plain torch module",
             )
-        # On a GPU, a row length that changes every step costs a cuBLAS kernel choice per matmul
-        # per step: round it up to a few lengths (a filler document that trains nothing).
-        return PaddingFreeCollator(
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-            pad_to_multiple_of=args.pad_to_multiple_of,
-            bucket=args.device.type == "cuda",
-        )
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return PaddingFreeCollator(pad_id, args.pad_to_multiple_of)
     return PaddedCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
 
 

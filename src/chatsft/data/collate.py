@@ -53,12 +53,6 @@ class PaddedCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def bucket_length(n: int) -> int:
-    """n rounded up to one of 8 lengths per power of two (under 12.5% more, 64 at least)."""
-    step = max(64, 2 ** (n.bit_length() - 4))
-    return -(-n // step) * step
-
-
 @dataclass
 class PaddingFreeCollator:
     """All documents of the batch in one row [1, total]: no pad token is ever computed.
@@ -68,15 +62,12 @@ class PaddingFreeCollator:
     to each other. Boundaries are not sent as a separate tensor: accelerate slices every tensor of
     an iterable dataset's batch along dim 0, which would cut a [num_docs + 1] tensor to one entry.
 
-    With `pad_to_multiple_of`, or `bucket` (8 lengths per power of two), the row ends with one
-    filler document of pad tokens that trains nothing and attends only to itself. On a GPU this
-    keeps the number of distinct matmul shapes small: cuBLAS chooses a kernel for every new shape,
-    which costs host time on every step when the row length changes every step.
+    With `pad_to_multiple_of`, the row ends with one filler document of pad tokens that trains
+    nothing and attends only to itself (for kernels that want aligned lengths).
     """
 
     pad_token_id: int = 0
     pad_to_multiple_of: int | None = None
-    bucket: bool = False
     filler_tokens: int = 0  # filler appended to the most recent batch (for logs and benchmarks)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -103,4 +94,4 @@ class PaddingFreeCollator:
     def _padded_length(self, n: int) -> int:
         if self.pad_to_multiple_of:
             return -(-n // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        return bucket_length(n) if self.bucket else n
+        return n
