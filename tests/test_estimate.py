@@ -121,6 +121,27 @@ def test_memory_grows_with_tokens_and_checkpointing_helps(model_dir, tokenizer):
     assert lean.total_disk_bytes == 2 * lean.checkpoint_bytes + lean.final_model_bytes
 
 
+def test_checkpointing_every_n_layers_sits_between_none_and_all(tokenizer):
+    """transformers' every_n_layers checkpoints layers 0, n, 2n, ...; the others keep all their
+    activations, so the prediction moves from all-checkpointed towards none."""
+    config = make_model(tokenizer, layers=6).config
+    kw = dict(max_length=128, batch_size=8)
+    none = estimate(config, **kw)
+    acts = {
+        n: estimate(config, gradient_checkpointing=True, every_n_layers=n, **kw)
+        for n in (1, 2, 3, 99)
+    }
+    ordered = [acts[n].memory["activations"] for n in (1, 2, 3, 99)]
+    assert ordered == sorted(set(ordered)) and ordered[-1] < none.memory["activations"]
+    # n=2 keeps layers 1, 3 and 5 whole and only the inputs of 0, 2 and 4: the same as
+    # everything checkpointed (6 inputs and one recomputed layer) plus 2 layers, minus 3 inputs.
+    gc, half = acts[1].memory["activations"], acts[2].memory["activations"]
+    layer = (none.memory["activations"] - acts[1].memory["activations"]) / 5  # up to the inputs
+    assert half > gc + layer and half < none.memory["activations"]
+    assert acts[2].settings["every_n_layers"] == 2
+    assert "on for 1 decoder layer in 2" in acts[2].table()
+
+
 def test_fit_batch_shrinks_the_micro_batch_then_checkpoints(tokenizer):
     config = make_model(tokenizer, hidden=64, layers=4).config
     kw = dict(max_length=512, effective_batch_size=16, headroom=0.0)
@@ -196,6 +217,17 @@ def test_cli_reads_the_train_yaml_and_fits(tmp_path, model_dir, capsys):
         data["settings"]["lora_r"] == 8 and data["settings"]["lora_target_modules"] == "all-linear"
     )
     assert any(f["name"] == "adapter_model.safetensors" for f in data["checkpoint_files"])
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": model_dir,
+                "activation_checkpointing": True,
+                "activation_checkpointing_kwargs": {"every_n_layers": 2},
+            }
+        )
+    )
+    code, out = run_cli(["estimate", str(cfg), "--json"], capsys)
+    assert json.loads(out)["settings"]["every_n_layers"] == 2
     cfg.write_text(yaml.safe_dump({"model": model_dir, "max_lenght": 8}))
     with pytest.raises(ChatSFTError, match="did you mean 'max_length'"):
         run_cli(["estimate", str(cfg)], capsys)

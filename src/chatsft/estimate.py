@@ -686,7 +686,7 @@ def _layer_bytes_per_token(model: _Model, mode: str, seq_len: int, repeat_kv: bo
 
 
 def _activation_parts(
-    model: _Model, mode: str, tokens: int, seq_len: int, repeat_kv: bool
+    model: _Model, mode: str, tokens: int, seq_len: int, repeat_kv: bool, every_n: int = 1
 ) -> dict[str, int]:
     s = model.shape
     residual = 4 if model.weight_dtype == torch.float32 else 2
@@ -694,14 +694,24 @@ def _activation_parts(
     layer = tokens * _layer_bytes_per_token(model, mode, seq_len, repeat_kv)
     # Final norm: its output is only indexed (trained positions) and handed to the loss.
     head = tokens * _norm_bytes(s.hidden, mode, model.norm_trainable, [], 0, 0)
-    # Checkpointing keeps only each layer's input through the forward; backward then recomputes
-    # one layer at a time, whose activations come back on top.
-    inputs = s.layers * tokens * residual * s.hidden
+    # Checkpointing keeps only a checkpointed layer's input through the forward (every n-th
+    # layer, from the first: transformers' every_n_layers); the other layers keep everything.
+    # Backward then recomputes one layer at a time, whose activations come back on top.
+    # Backward runs from the last layer down, freeing each layer's activations as it goes, so a
+    # recomputed layer adds to what the layers below it still hold, not to everything.
+    layer_input = tokens * residual * s.hidden
+    held, in_backward = 0, 0
+    for i in range(s.layers):
+        if i % every_n == 0:
+            in_backward = max(in_backward, held + layer_input + layer)
+            held += layer_input
+        else:
+            held += layer
     return {
         "layer": layer,
         "all_layers": s.layers * layer + head,
-        "checkpoint_inputs": inputs + head,
-        "checkpointed": inputs + head + layer,
+        "checkpoint_inputs": held + head,
+        "checkpointed": max(in_backward, held) + head,
         "backward": tokens
         * (
             BWD_INTERMEDIATE_TENSORS * a * s.intermediate + BWD_HIDDEN_TENSORS * residual * s.hidden
@@ -826,6 +836,7 @@ def _memory(
     mixed: str | None,
     packing: bool,
     world_size: int,
+    every_n_layers: int = 1,
 ) -> tuple[dict[str, int], int, int, int, str]:
     """Memory components and the peak for one micro-batch size."""
     m = st.model
@@ -834,12 +845,16 @@ def _memory(
     # Padded batches reach transformers' SDPA with a mask, which repeats the KV heads; packed rows
     # go to chatsft's document attention, which uses SDPA's native GQA.
     repeat_kv = not packing and m.shape.kv_heads < m.shape.heads
-    acts = _activation_parts(m, mode, tokens, max_length, repeat_kv)
+    every_n = every_n_layers if gradient_checkpointing else 1
+    acts = _activation_parts(m, mode, tokens, max_length, repeat_kv, every_n)
     loss_fwd, loss_bwd = _loss_buffers(m, tokens)
     # Under autocast every Linear weight gets a half copy, cached until the forward ends; without
     # checkpointing each copy is also saved for backward, with it only the recomputed layer's.
     autocast = 2 * m.linear_weight_params if mode == "autocast" else 0
-    autocast_saved = autocast // m.shape.layers if gradient_checkpointing else autocast
+    kept_copies = m.shape.layers - -(-m.shape.layers // every_n) + 1  # layers 0, n, 2n, ...
+    autocast_saved = (
+        autocast * kept_copies // m.shape.layers if gradient_checkpointing else autocast
+    )
     head_grad = m.lm_head_params * 4 if m.lm_head_trainable else 0
     held_grads = m.grad_bytes if gradient_accumulation_steps > 1 else 0
     # DDP allocates its own gradient buckets (gradient_as_bucket_view is off by default in
@@ -884,6 +899,7 @@ def estimate(
     fp16: bool = False,
     optimizer: str = "adamw_torch_fused",
     gradient_checkpointing: bool = False,
+    every_n_layers: int = 1,
     lora: int | dict[str, Any] | Any | None = None,
     lora_target_modules: str | list[str] | None = None,
     peft_config: Any | None = None,
@@ -901,7 +917,9 @@ def estimate(
     from_pretrained); `bf16`/`fp16`: mixed precision (autocast) as in SFTConfig. `lora`: a rank, a
     dict of LoraConfig fields or a peft config (`peft_config` is the same, by TRL's name); a rank
     takes chatsft's YAML defaults (alpha 2r, dropout 0.05, all linear layers). `device`: "cuda" or
-    "cpu", where the run trains (default: CUDA if this machine has it). Every position is assumed
+    "cpu", where the run trains (default: CUDA if this machine has it). `every_n_layers`: with
+    gradient checkpointing, only every n-th decoder layer is checkpointed (transformers'
+    `activation_checkpointing_kwargs: {every_n_layers: n}`). Every position is assumed
     trained and every row full (max_length tokens): an upper bound."""
     static, settings = _prepare(
         model,
@@ -924,6 +942,7 @@ def estimate(
         max_length=max_length,
         gradient_accumulation_steps=gradient_accumulation_steps,
         gradient_checkpointing=gradient_checkpointing,
+        every_n_layers=every_n_layers,
         packing=packing,
         save_total_limit=save_total_limit,
     )
@@ -988,11 +1007,13 @@ def _finish(
     gradient_checkpointing: bool,
     packing: bool,
     save_total_limit: int | None,
+    every_n_layers: int = 1,
 ) -> Estimate:
     for key, value in (
         ("max_length", max_length),
         ("batch_size", batch_size),
         ("gradient_accumulation_steps", gradient_accumulation_steps),
+        ("every_n_layers", every_n_layers),
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ChatSFTError(f"{key} must be a positive integer, got {value!r}", field=key)
@@ -1006,6 +1027,7 @@ def _finish(
         mixed=mixed,
         packing=packing,
         world_size=settings["world_size"],
+        every_n_layers=every_n_layers,
     )
     m = st.model
     ckpt = sum(f.bytes for f in st.files)
@@ -1018,6 +1040,7 @@ def _finish(
         "effective_batch_size": batch_size * gradient_accumulation_steps * settings["world_size"],
         "packing": packing,
         "gradient_checkpointing": gradient_checkpointing,
+        "every_n_layers": every_n_layers if gradient_checkpointing else None,
         "save_total_limit": kept,
         **settings,
     }
@@ -1149,6 +1172,7 @@ def fit_batch(
     max_length: int = 1024,
     effective_batch_size: int = 8,
     gradient_checkpointing: bool | None = None,
+    every_n_layers: int = 1,
     headroom: float = 0.10,
     world_size: int = 1,
     save_total_limit: int | None = None,
@@ -1205,6 +1229,7 @@ def fit_batch(
                 static,
                 settings,
                 batch_size=micro,
+                every_n_layers=every_n_layers,
                 max_length=max_length,
                 gradient_accumulation_steps=per_rank // micro,
                 gradient_checkpointing=gc,
@@ -1257,6 +1282,13 @@ def human(n: float) -> str:
     return f"{int(n)} B"
 
 
+def _checkpointing_words(settings: dict[str, Any]) -> str:
+    every = settings.get("every_n_layers") or 1
+    if not settings["gradient_checkpointing"]:
+        return "off"
+    return "on" if every == 1 else f"on for 1 decoder layer in {every}"
+
+
 def format_estimate(est: Estimate) -> str:
     s = est.settings
     lines = [
@@ -1267,7 +1299,7 @@ def format_estimate(est: Estimate) -> str:
         f"  run             micro-batch {s['batch_size']} x {s['max_length']} tokens,"
         f" accumulation {s['gradient_accumulation_steps']}, {s['world_size']} device(s),"
         f" optimizer {s['optimizer']}, mixed precision {s['mixed_precision'] or 'off'},"
-        f" gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
+        f" gradient checkpointing {_checkpointing_words(s)}"
         + (f", LoRA r={s['lora_r']}" if s["lora_r"] else ""),
         "",
         "  memory per device",
@@ -1355,6 +1387,13 @@ def _read_yaml(path: str) -> dict[str, Any]:
     out = {dest: values[key] for key, dest in _YAML_KEYS.items() if key in values}
     if values.get("activation_checkpointing") or values.get("gradient_checkpointing"):
         out["gradient_checkpointing"] = True
+    kwargs = (
+        values.get("activation_checkpointing_kwargs")
+        or values.get("gradient_checkpointing_kwargs")
+        or {}
+    )
+    if isinstance(kwargs, dict) and "every_n_layers" in kwargs:
+        out["every_n_layers"] = kwargs["every_n_layers"]
     init = values.get("model_init_kwargs") or {}
     if "dtype" in init or "torch_dtype" in init:
         out["dtype"] = init.get("dtype", init.get("torch_dtype"))
@@ -1398,6 +1437,11 @@ def add_estimate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", default=None, help="fp16 mixed precision")
     p.add_argument("--packing", action="store_true", default=None)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--every-n-layers",
+        type=int,
+        help="with gradient checkpointing, checkpoint only every N-th decoder layer",
+    )
     p.add_argument("--lora-r", type=int, help="LoRA rank (0: full fine-tune)")
     p.add_argument(
         "--lora-target-modules",
@@ -1430,6 +1474,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         "fp16": args.fp16,
         "packing": args.packing,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "every_n_layers": args.every_n_layers,
         "save_total_limit": args.save_total_limit,
         "save_only_model": args.save_only_model,
     }
