@@ -9,7 +9,12 @@ between is the turn. This works for any prefix-preserving template, with or with
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
 
 from ..errors import ChatSFTError
 from .formats import Conversation, Example, PromptCompletion, Text
@@ -23,18 +28,96 @@ PLAIN_MESSAGE_KEYS = frozenset({"role", "content", "tool_calls", "name", "tool_c
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_template(template: str) -> Any:
-    """transformers' own compiled (sandboxed, cached) Jinja template, or None if its API moved."""
+def _compiled_template(template: str) -> tuple[Any, dict[str, Any]] | None:
+    """transformers' own compiled (sandboxed, cached) Jinja template, with `{% generation %}` inlined
+    where that renders the same text, and a flat copy of its globals; None if its API moved."""
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
     except ImportError:
         return None
-    return _compile_jinja_template(template)
+    compiled = _inline_generation(_compile_jinja_template(template), template)
+    return compiled, dict(compiled.globals)
 
 
-def render_chat(
-    tokenizer: Any, messages: list[dict], tools: Any, add_generation_prompt: bool
-) -> str:
+class _NotInlinable(Exception):
+    pass
+
+
+class _InlineGeneration(jinja2.ext.Extension):
+    """`{% generation %}` as a plain inner scope (a `{% with %}` block). transformers' tag wraps its
+    body in a caller macro, called through the sandbox for every assistant message: 60% of a
+    render. Untracked, that call returns the body's text unchanged, and so does the scope."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        if not all(_scope_safe(node) for node in body):
+            raise _NotInlinable
+        return jinja2.nodes.With([], [], body, lineno=lineno)
+
+
+# Nodes that behave the same inside a caller macro and inside a plain scope. Anything else (a
+# variable set, a macro, `caller`/`varargs`/`kwargs`, blocks, includes, loop controls) keeps
+# transformers' macro.
+_SCOPE_SAFE = (
+    jinja2.nodes.Expr,
+    jinja2.nodes.Helper,
+    jinja2.nodes.Output,
+    jinja2.nodes.If,
+    jinja2.nodes.For,
+    jinja2.nodes.With,
+)
+_MACRO_NAMES = frozenset({"caller", "varargs", "kwargs"})
+
+
+def _scope_safe(node: jinja2.nodes.Node) -> bool:
+    for n in (node, *node.find_all(jinja2.nodes.Node)):
+        if isinstance(n, jinja2.nodes.Assign) and isinstance(n.target, jinja2.nodes.NSRef):
+            continue  # `set ns.x = ...` changes a namespace object, visible from either
+        if not isinstance(n, _SCOPE_SAFE):
+            return False
+        if isinstance(n, jinja2.nodes.Name) and n.name in _MACRO_NAMES:
+            return False
+    return True
+
+
+def _inline_generation(compiled: Any, template: str) -> Any:
+    """The template compiled in a copy of transformers' environment (same sandbox, filters, globals)
+    whose `{% generation %}` tag is _InlineGeneration; `compiled` itself where that might differ."""
+    env = compiled.environment
+    trackers = [key for key, ext in env.extensions.items() if "generation" in ext.tags]
+    if "generation" not in template or env.autoescape is not False or len(trackers) != 1:
+        return compiled
+    inline_env = env.overlay()
+    del inline_env.extensions[trackers[0]]  # the overlay's own copy; env keeps its tracker
+    inline_env.add_extension(_InlineGeneration)
+    try:
+        return inline_env.from_string(template)
+    except _NotInlinable:
+        return compiled
+
+
+def _render_compiled(compiled: Any, variables: dict[str, Any]) -> str:
+    """Template.render, given the template's globals already flat in `variables`: Template.render
+    copies its globals (a ChainMap) into every context, a third of a short chat's render time."""
+    if compiled.environment.is_async:
+        return compiled.render(**variables)
+    context = compiled.new_context(variables, shared=True)
+    try:
+        return compiled.environment.concat(compiled.root_render_func(context))
+    except Exception:
+        compiled.environment.handle_exception()  # re-raises with the template's line numbers
+        raise
+
+
+ChatRenderer = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
+
+
+def chat_renderer(tokenizer: Any, messages: list[dict], tools: Any) -> ChatRenderer:
+    """Renders `messages`, or any prefix of them, with the tokenizer's chat template. Everything
+    that does not depend on the prefix is looked up once, not once per render."""
     template = tokenizer.chat_template
     if not template:
         raise ChatSFTError(
@@ -44,26 +127,46 @@ def render_chat(
         )
     try:
         compiled = _compiled_template(template) if isinstance(template, str) else None
-        plain = all(PLAIN_MESSAGE_KEYS.issuperset(m) for m in messages)
-        if compiled is not None and plain and all(isinstance(t, dict) for t in tools or ()):
-            # Same template, same variables as apply_chat_template, without its per-call
-            # conversion of every message (half of the preparation time on short chats).
-            return compiled.render(
-                messages=messages,
-                tools=tools,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **tokenizer.special_tokens_map,
+    except Exception as err:  # a template that does not compile
+        raise _render_error(err) from err
+    plain = all(PLAIN_MESSAGE_KEYS.issuperset(m) for m in messages)
+    if compiled is not None and plain and all(isinstance(t, dict) for t in tools or ()):
+        # Same template, same variables as apply_chat_template, without its per-call
+        # conversion of every message (half of the preparation time on short chats).
+        jinja_template, flat_globals = compiled
+        fixed = {**flat_globals, **tokenizer.special_tokens_map, "tools": tools, "documents": None}
+
+        def render(msgs: list[dict], add_generation_prompt: bool) -> str:
+            variables = {**fixed, "messages": msgs, "add_generation_prompt": add_generation_prompt}
+            return _render_compiled(jinja_template, variables)
+    else:
+
+        def render(msgs: list[dict], add_generation_prompt: bool) -> str:
+            return tokenizer.apply_chat_template(
+                msgs, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
             )
-        return tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except Exception as err:  # jinja errors, raise_exception() calls in templates
-        raise ChatSFTError(
-            f"the chat template failed to render: {err}",
-            field="chat_template",
-            hint="fix the template or pass chat_template_path",
-        ) from err
+
+    def checked(msgs: list[dict], add_generation_prompt: bool) -> str:
+        try:
+            return render(msgs, add_generation_prompt)
+        except Exception as err:  # jinja errors, raise_exception() calls in templates
+            raise _render_error(err) from err
+
+    return checked
+
+
+def _render_error(err: Exception) -> ChatSFTError:
+    return ChatSFTError(
+        f"the chat template failed to render: {err}",
+        field="chat_template",
+        hint="fix the template or pass chat_template_path",
+    )
+
+
+def render_chat(
+    tokenizer: Any, messages: list[dict], tools: Any, add_generation_prompt: bool
+) -> str:
+    return chat_renderer(tokenizer, messages, tools)(messages, add_generation_prompt)
 
 
 def _split_turn(text: str, end_of_turn: str | None) -> list[Segment]:
@@ -79,20 +182,21 @@ def _split_turn(text: str, end_of_turn: str | None) -> list[Segment]:
 
 
 def _turn_segments(
-    tokenizer: Any,
-    prefix: list[dict],
-    turn: list[dict],
+    render: ChatRenderer,
+    messages: list[dict],
+    turn: tuple[int, int],
     full: str,
     pos: int,
-    tools: Any,
     end_of_turn: str | None,
-    turn_index: int,
 ) -> tuple[list[Segment], int]:
-    before = render_chat(tokenizer, prefix, tools, True) if prefix else ""
-    upto = render_chat(tokenizer, prefix + turn, tools, False)
+    """Segments from `pos` through the turn messages[start:end]; `full` renders all of `messages`."""
+    start, end = turn
+    before = render(messages[:start], True) if start else ""
+    # A turn that ends the conversation ends where `full` does: the same render, not redone.
+    upto = full if end == len(messages) else render(messages[:end], False)
     if not (upto.startswith(before) and full.startswith(upto) and len(before) >= pos):
         raise ChatSFTError(
-            f"the chat template is not prefix-preserving at message {turn_index}: rendering the "
+            f"the chat template is not prefix-preserving at message {start}: rendering the "
             "conversation up to that turn does not give a prefix of the whole conversation, so the "
             "assistant tokens cannot be located",
             field="chat_template",
@@ -124,27 +228,26 @@ def render_segments(
         return segs if comp.endswith(eos_token) else [*segs, (eos_token, True)]
 
     if isinstance(example, PromptCompletion):
-        prompt, completion = example.prompt, example.completion
-        full = render_chat(tokenizer, prompt + completion, None, False)
+        messages = example.prompt + example.completion
+        render = chat_renderer(tokenizer, messages, None)
+        full = render(messages, False)
         if completion_only_loss is False:
             return [(full, True)]
-        segs, pos = _turn_segments(
-            tokenizer, prompt, completion, full, 0, None, eos_token, len(prompt)
-        )
+        turn = (len(example.prompt), len(messages))
+        segs, pos = _turn_segments(render, messages, turn, full, 0, eos_token)
         return segs + ([(full[pos:], False)] if pos < len(full) else [])
 
     assert isinstance(example, Conversation)
-    msgs, tools = example.messages, example.tools
-    full = render_chat(tokenizer, msgs, tools, False)
+    msgs = example.messages
+    render = chat_renderer(tokenizer, msgs, example.tools)
+    full = render(msgs, False)
     if not (assistant_only_loss or last_turn_only):
         return [(full, True)]
     segs: list[Segment] = []
     pos = 0
     turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     for i in turns[-1:] if last_turn_only else turns:
-        turn_segs, pos = _turn_segments(
-            tokenizer, msgs[:i], [msgs[i]], full, pos, tools, eos_token, i
-        )
+        turn_segs, pos = _turn_segments(render, msgs, (i, i + 1), full, pos, eos_token)
         segs += turn_segs
     if pos < len(full):
         segs.append((full[pos:], False))

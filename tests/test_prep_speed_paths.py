@@ -1,0 +1,92 @@
+"""The shortcuts of data preparation give exactly what the plain paths give: templates compiled with
+an inlined {% generation %} tag, direct calls to the Rust tokenizer, the frozen heap."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+from conftest import chats
+from test_formats import GENERATION_TEMPLATE
+
+from chatsft.data.templates import _compiled_template, _InlineGeneration, render_chat
+from chatsft.data.tokenize import _frozen_heap, _plain_backend, encode_segments
+
+HEAD = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+TAIL = "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+# Generation bodies that a plain scope renders like transformers' caller macro.
+INLINED = {
+    "workload": GENERATION_TEMPLATE,
+    "loop_vars": HEAD + "{% generation %}{{ m['content'] }}{{ loop.index }}{% if loop.last %}!"
+    "{% endif %}{% endgeneration %}<|im_end|>\n" + TAIL,
+    "whitespace_control": HEAD + "{%- generation -%}\n  {{ m['content'] | trim }}\n"
+    "{%- endgeneration %}\n<|im_end|>\n" + TAIL,
+    "namespace": "{% set ns = namespace(n=0) %}" + HEAD + "{% generation %}"
+    "{% set ns.n = ns.n + 1 %}{{ m['content'] }}#{{ ns.n }}{% endgeneration %}<|im_end|>\n"
+    "{% endfor %}{{ ns.n }}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "nested": HEAD + "{% generation %}{% for w in m['content'].split() %}{% if loop.first %}"
+    "{{ w | upper }}{% else %} {{ w }}{% endif %}{% endfor %}{% generation %}.{% endgeneration %}"
+    "{% endgeneration %}<|im_end|>\n" + TAIL,
+}
+# Bodies where a scope might differ from a macro: these keep transformers' template.
+KEPT = {
+    "set_leaks_nowhere": "{% set x = 'outer' %}" + HEAD + "{% generation %}{% set x = 'inner' %}"
+    "{{ m['content'] }}{% endgeneration %}{{ x }}<|im_end|>\n" + TAIL,
+    "varargs": HEAD + "{% generation %}{{ m['content'] }}{{ varargs }}{% endgeneration %}"
+    "<|im_end|>\n" + TAIL,
+}
+
+
+def _conversations() -> list[list[dict]]:
+    return [row["messages"] for row in chats(8, seed=5)]
+
+
+@pytest.mark.parametrize("name", [*INLINED, *KEPT])
+def test_render_equals_apply_chat_template(tokenizer, name):
+    tokenizer.chat_template = {**INLINED, **KEPT}[name]
+    for messages in _conversations():
+        for end in range(1, len(messages) + 1):
+            for prompt in (False, True):
+                ours = render_chat(tokenizer, messages[:end], None, prompt)
+                ref = tokenizer.apply_chat_template(
+                    messages[:end], tokenize=False, add_generation_prompt=prompt
+                )
+                assert ours == ref
+
+
+@pytest.mark.parametrize(
+    ("name", "inlined"), [*((n, True) for n in INLINED), *((n, False) for n in KEPT)]
+)
+def test_generation_is_inlined_only_where_safe(name, inlined):
+    compiled, _ = _compiled_template({**INLINED, **KEPT}[name])
+    exts = compiled.environment.extensions.values()
+    assert any(isinstance(e, _InlineGeneration) for e in exts) == inlined
+
+
+def test_encode_segments_equals_the_tokenizer_call(tokenizer):
+    texts = ["", "hi", " the cat<|im_end|>\n", "<|im_start|>user\nwhat is two<|im_end|>", "\n\n"]
+    assert _plain_backend(tokenizer) is not None
+    ref = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert encode_segments(tokenizer, texts) == ref
+
+
+def test_encode_segments_falls_back_when_the_backend_would_truncate(tokenizer):
+    texts = ["the cat sat on a mat " * 20]
+    ref = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    tokenizer.backend_tokenizer.enable_truncation(max_length=5)
+    assert _plain_backend(tokenizer) is None
+    assert encode_segments(tokenizer, texts) == ref  # __call__ turns truncation off again
+
+
+def test_frozen_heap_unfreezes_and_leaves_a_callers_freeze_alone():
+    with _frozen_heap():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with _frozen_heap():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
