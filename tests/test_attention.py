@@ -79,8 +79,9 @@ def test_kernel_choice_and_log_line(tokenizer):
     assert line == f"attention: document-isolated, {gpu_bf16}; no dense mask over packed rows"
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_chunked_cross_entropy_under_bf16_autocast(with_bias):
+def test_chunked_cross_entropy_under_bf16_autocast(with_bias, fused):
     """Under autocast the LM-head matmuls run in bf16 like the model's own head; the loss and the
     softmax stay fp32. Compared with F.cross_entropy over autocast logits."""
     torch.manual_seed(0)
@@ -89,7 +90,9 @@ def test_chunked_cross_entropy_under_bf16_autocast(with_bias):
     bias = torch.randn(300, requires_grad=True) if with_bias else None
     target = torch.randint(0, 300, (70,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = chunked_linear_cross_entropy(hidden, weight, bias, target, chunk_size=16)
+        loss, _ = chunked_linear_cross_entropy(
+            hidden, weight, bias, target, chunk_size=16, fused=fused
+        )
     assert loss.dtype == torch.float32
     got = torch.autograd.grad(loss, [hidden, weight])
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -145,7 +145,8 @@ def test_gradient_accumulation_4x2_equals_1x8(tokenizer, tmp_path):
         torch.testing.assert_close(one[name], free[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_chunked_cross_entropy_matches_reference_across_chunks():
+@pytest.mark.parametrize("fused", [False, True])
+def test_chunked_cross_entropy_matches_reference_across_chunks(fused):
     from chatsft.model.chunked_ce import chunked_linear_cross_entropy
 
     torch.manual_seed(0)
@@ -153,11 +154,14 @@ def test_chunked_cross_entropy_matches_reference_across_chunks():
     w = torch.randn(100, 16, requires_grad=True)
     b = torch.randn(100, requires_grad=True)
     t = torch.randint(0, 100, (50,))
-    loss, correct = chunked_linear_cross_entropy(h, w, b, t, chunk_size=7)
-    grads = torch.autograd.grad(3 * loss, (h, w, b))
+    loss, correct = chunked_linear_cross_entropy(h, w, b, t, chunk_size=7, fused=fused)
+    grads = torch.autograd.grad(3 * loss, (h, w, b), retain_graph=True)
     logits = h @ w.T + b
     ref = F.cross_entropy(logits, t, reduction="sum")
     torch.testing.assert_close(loss, ref)
     for g, g_ref in zip(grads, torch.autograd.grad(3 * ref, (h, w, b))):
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
     assert correct == (logits.argmax(-1) == t).sum()
+    # Gradients are scaled in place: a second backward must fail loudly, not return wrong values.
+    with pytest.raises(RuntimeError, match="one backward"):
+        torch.autograd.grad(loss, (h, w, b))

@@ -719,30 +719,40 @@ def _activation_parts(
     }
 
 
-def _loss_buffers(model: _Model, tokens: int) -> tuple[int, int]:
+def _loss_buffers(model: _Model, tokens: int, mode: str) -> tuple[int, int]:
     """(bytes during the loss forward, bytes during its backward) for chatsft's chunked loss.
 
-    The chunked cross-entropy computes gradients in its forward: an fp32 [vocab, hidden] gradient
-    for the head and a [tokens, hidden] gradient for the hidden states, while it walks fp32
-    [chunk, vocab] logits (chunk = max(64, 128 Mi / vocab) rows), turned into exp and softmax in
-    place, so one such block is alive at a time. Its backward scales both
-    gradients into new tensors while the saved ones are still alive. Every position is assumed
-    trained (the worst case)."""
+    The chunked cross-entropy (model/chunked_ce.py) computes gradients in its forward: an fp32
+    [vocab, hidden] gradient for the head and a [tokens, hidden] gradient for the hidden states,
+    while it walks [chunk, vocab] logits (chunk = max(64, 128 Mi / vocab) rows) in the matmul dtype,
+    one chunk alive at a time. On CUDA a chunk also has an fp32 log-softmax; on a CPU, an fp32 exp
+    block (the logits themselves when fp32) and, with 16-bit matmuls, a cast of the softmax and of
+    the head gradient's partial product. The backward scales both gradients in place. Every
+    position is assumed trained (the worst case)."""
     s = model.shape
     hidden_bytes = 4 if model.weight_dtype == torch.float32 else 2
     selected = tokens * s.hidden * hidden_bytes  # hidden states at trained positions: the input
     if s.logit_transform:  # soft-capped/scaled logits: the plain path materialises all logits
         logits = tokens * s.vocab
         return selected + logits * (hidden_bytes + 8), selected + logits * (hidden_bytes + 8)
+    mm = 2 if mode in ("autocast", "half-autocast") else 4  # bytes per matmul element
     chunk = min(tokens, max(64, CHUNK_ELEMENTS // s.vocab))
-    head_fp32 = s.vocab * s.hidden * 4
-    upcast = head_fp32 if model.weight_dtype != torch.float32 else 0  # weight.float() copy
+    head = s.vocab * s.hidden
+    weight_bytes = 4 if model.weight_dtype == torch.float32 else 2
+    head_cast = head * mm if mm != weight_bytes else 0  # weight.to(matmul dtype)
     grad_hidden = tokens * s.hidden * hidden_bytes
-    blocks = chunk * s.vocab * 4 + 2 * chunk * s.hidden * 4  # logits (exp in place), h and dh
-    forward = selected + head_fp32 + grad_hidden + blocks + upcast
-    backward = 2 * head_fp32 + 2 * grad_hidden
-    if model.weight_dtype != torch.float32:
-        backward += s.vocab * s.hidden * 2  # the scaled gradient cast back to the weight dtype
+    block = chunk * s.vocab
+    if model.device == "cuda":
+        blocks = block * (mm + 4)  # logits + fp32 log-softmax, then logits + softmax
+    elif mm == 4:
+        blocks = block * 4  # exp and softmax in place of the logits
+    else:
+        blocks = max(block * (mm + 4 + mm), block * 2 * mm + head * (mm + 4))
+    blocks += 2 * chunk * s.hidden * mm  # h and dh
+    forward = selected + head * 4 + grad_hidden + blocks + head_cast
+    backward = head * 4 + grad_hidden
+    if weight_bytes != 4:
+        backward += head * weight_bytes  # the scaled gradient cast back to the weight dtype
     return forward, backward
 
 
@@ -847,7 +857,7 @@ def _memory(
     repeat_kv = not packing and m.shape.kv_heads < m.shape.heads
     every_n = every_n_layers if gradient_checkpointing else 1
     acts = _activation_parts(m, mode, tokens, max_length, repeat_kv, every_n)
-    loss_fwd, loss_bwd = _loss_buffers(m, tokens)
+    loss_fwd, loss_bwd = _loss_buffers(m, tokens, mode)
     # Under autocast every Linear weight gets a half copy, cached until the forward ends; without
     # checkpointing each copy is also saved for backward, with it only the recomputed layer's.
     autocast = 2 * m.linear_weight_params if mode == "autocast" else 0
