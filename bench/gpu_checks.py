@@ -73,7 +73,7 @@ def check_attention() -> bool:
 
 
 def check_chunked_ce() -> bool:
-    from chatsft.model.chunked_ce import chunked_linear_cross_entropy
+    from chatsft.model.chunked_ce import _addmm_fp32_out_works, chunked_linear_cross_entropy
 
     torch.manual_seed(1)
     n, d, vocab = 3000, 896, 151936
@@ -93,7 +93,9 @@ def check_chunked_ce() -> bool:
     ok = max(errors) < 2e-2 and got[0].dtype == torch.float32
     print(
         f"{'PASS' if ok else 'FAIL'} chunked CE under bf16 autocast vs F.cross_entropy: "
-        f"loss {errors[0]:.1e}, d hidden {errors[1]:.1e}, d weight {errors[2]:.1e}"
+        f"loss {errors[0]:.1e}, d hidden {errors[1]:.1e}, d weight {errors[2]:.1e} "
+        f"(fused softmax kernels; head gradient accumulated in fp32 by the matmul: "
+        f"{_addmm_fp32_out_works(hidden.device)})"
     )
     return ok
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lent-GPU session (bench/README.md): install the carried wheels, check the GPU-only code paths,
 # then run the GPU workload config by config, each in its own process with its own time limit.
-# Results: $OUT/checks.txt, $OUT/<config>.json, $OUT/log.txt, $OUT/<config>.profile.txt.
+# Results: $OUT/checks.txt, $OUT/<config>.json, $OUT/log.txt, $OUT/<config>.profile.txt and
+# $OUT/<config>.trace.json.gz.
 set -u
 OUT=${OUT:-/tmp/chatsft-gpu}
 mkdir -p "$OUT"

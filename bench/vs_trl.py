@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import importlib.util
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -73,6 +75,13 @@ for _n in (2, 3, 4, 6):
             "activation_checkpointing": True,
             "activation_checkpointing_kwargs": {"every_n_layers": _n},
         },
+    )
+# Collation in two DataLoader worker processes instead of the training loop's (both frameworks),
+# so the process that drives the GPU does not also build batches.
+for _name in ("chatsft-packing-compile", "trl-packing-nogc"):
+    CONFIGS[f"{_name}-workers"] = (
+        CONFIGS[_name][0],
+        {**CONFIGS[_name][1], "dataloader_num_workers": 2},
     )
 DEFAULT_CONFIGS = ("trl-default", "trl-packing", "chatsft-default", "chatsft-packing")
 # Process environment for a config (set before torch starts): the CUDA caching allocator with
@@ -156,28 +165,44 @@ def build_model(wl: ModuleType, tok: Any, workload: Workload, seed: int) -> Any:
 # --- measuring (shared by both frameworks) --------------------------------------------------------
 
 
-def _count(batch: dict[str, Any]) -> tuple[int, int]:
-    """(real tokens, trained tokens) of one collated batch."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    real = int(mask.sum()) if mask is not None else ids.numel()
-    trained = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
-    return real, trained
+class TokenCounter:
+    """Counts the tokens of every batch a trainer trains on, in order: (real, trained) per step.
 
+    It wraps the trainer's `training_step`, so it sees the batch the model gets whichever process
+    collated it (DataLoader workers included). Counts stay on the device until the end (no host
+    sync per step):
+    - real tokens: non-pad tokens (attention_mask sum; every token of a padding-free row),
+    - trained tokens: positions whose next token is trained (shifted labels != -100)."""
 
-class CountingCollator:
-    """Wraps a data collator; records (real, trained) tokens of every batch, in order."""
+    def __init__(self, trainer: Any) -> None:
+        if getattr(trainer.args, "pad_to_multiple_of", None):
+            # chatsft's padding-free rows would end with a filler document: not counted here.
+            raise ValueError("the benchmark does not count filler tokens: no pad_to_multiple_of")
+        self._per_step: list[Any] = []
+        inner = trainer.training_step
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.counts: list[tuple[int, int]] = []
+        def training_step(model, inputs, *args, **kwargs):
+            self._per_step.append(self._count(inputs))
+            return inner(model, inputs, *args, **kwargs)
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.inner(examples)
-        real, trained = _count(batch)
-        # chatsft's padding-free rows may end with a filler document (pad tokens, nothing trained)
-        self.counts.append((real - getattr(self.inner, "filler_tokens", 0), trained))
-        return batch
+        trainer.training_step = training_step
+
+    @staticmethod
+    def _count(batch: dict[str, Any]) -> Any:
+        import torch
+
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        real = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
+        trained = (batch["labels"][..., 1:] != IGNORE_INDEX).sum()
+        return torch.stack([real.to(trained.dtype), trained])
+
+    def counts(self) -> list[tuple[int, int]]:
+        import torch
+
+        if not self._per_step:
+            return []
+        return [(int(r), int(t)) for r, t in torch.stack(self._per_step).tolist()]
 
 
 def _make_meter(device: str, warmup: int, steps: int) -> Any:
@@ -221,7 +246,8 @@ def _make_meter(device: str, warmup: int, steps: int) -> Any:
 
 def _make_profiler(out_dir: Path, name: str, start: int, n_steps: int) -> Any:
     """torch.profiler over steps start+1..start+n_steps; its tables go to out_dir/name.profile.txt
-    (by host time, by device time on CUDA, and by input shape)."""
+    (by host time, by device time on CUDA, and by input shape), its timeline to
+    out_dir/name.trace.json.gz (Chrome trace format)."""
     import torch
     from transformers import TrainerCallback
 
@@ -253,6 +279,13 @@ def _make_profiler(out_dir: Path, name: str, start: int, n_steps: int) -> Any:
                     + shapes.table(sort_by="self_cpu_time_total", row_limit=30)
                 )
                 (out_dir / f"{name}.profile.txt").write_text("\n\n".join(tables))
+                # The full timeline (host ops, kernel launches, kernels) for later analysis of where
+                # the device waits on the host.
+                trace = out_dir / f"{name}.trace.json"
+                self.prof.export_chrome_trace(str(trace))
+                with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                trace.unlink()
                 self.prof = None
 
     return Profile()
@@ -276,7 +309,7 @@ def shared_settings(workload: Workload, steps: int, lr: float, aol: bool, out: s
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        dataloader_num_workers=0,  # the counting collator must run in this process
+        dataloader_num_workers=0,  # collate in the training process (the -workers configs: 2)
         assistant_only_loss=aol,
     )
 
@@ -369,8 +402,7 @@ def run_one(name: str, opts: argparse.Namespace) -> dict[str, Any]:
             processing_class=tok,
             callbacks=callbacks,
         )
-        counter = CountingCollator(trainer.data_collator)
-        trainer.data_collator = counter  # after __init__: TRL rejects custom padding-free collators
+        counter = TokenCounter(trainer)
         if workload.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
@@ -379,7 +411,7 @@ def run_one(name: str, opts: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(
             f"{name}: timing callbacks did not fire (steps={steps}, warmup={warmup})"
         )
-    timed = counter.counts[warmup:steps]  # one batch per step (no gradient accumulation)
+    timed = counter.counts()[warmup:steps]  # one batch per step (no gradient accumulation)
     seconds = meter.t1 - meter.t0
     real = sum(r for r, _ in timed)
     trained = sum(t for _, t in timed)

