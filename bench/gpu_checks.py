@@ -5,6 +5,8 @@
 2. The chunked cross-entropy under bf16 autocast against F.cross_entropy on bf16-autocast logits.
 3. A small Qwen2 under bf16 autocast: summed loss and gradients of packed (padding-free) documents
    against the same documents one per row, padded.
+4. The same model with compiled decoder layers against eager: no graph break, no recompilation per
+   batch, same loss and gradients.
 
 Prints one line per check and exits non-zero if any fails.
     python bench/gpu_checks.py
@@ -147,12 +149,74 @@ def check_packed_model() -> bool:
     return ok
 
 
+def check_compiled_layers() -> bool:
+    """Compiled decoder layers keep the varlen attention in their graph (no graph break, no
+    recompile per batch) and train like eager: loss and gradients of three packed batches."""
+    import copy
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from chatsft.data.collate import PaddingFreeCollator
+    from chatsft.model.attention import use_document_attention
+    from chatsft.model.compile import compile_decoder_layers
+    from chatsft.model.loss import supervised_loss
+
+    torch.manual_seed(3)
+    cfg = Qwen2Config(
+        hidden_size=896,
+        num_hidden_layers=2,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    eager = Qwen2ForCausalLM(cfg).cuda()
+    use_document_attention(eager, "cuda", torch.bfloat16)
+    compiled = copy.deepcopy(eager)
+    compile_decoder_layers(compiled)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    worst_loss = worst_grad = 0.0
+    for lengths in ((700, 33, 1500, 260), (2048,), (5, 900, 901, 1, 640)):
+        rows = [
+            {"input_ids": torch.randint(0, 150000, (n,)).tolist(), "trained_mask": [True] * n}
+            for n in lengths
+        ]
+        batch = PaddingFreeCollator()(rows)
+        labels = batch.pop("labels").cuda()
+        inputs = {k: v.cuda() for k, v in batch.items()}
+        results = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                parts, _ = supervised_loss(model, inputs, labels, chunked=True)
+            parts.loss_sum.backward()
+            grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+            results.append((parts.loss_sum.detach(), grads))
+        worst_loss = max(worst_loss, rel(results[1][0], results[0][0]))
+        worst_grad = max(worst_grad, rel(results[1][1], results[0][1]))
+    counters = torch._dynamo.utils.counters
+    breaks = sum(counters["graph_break"].values())
+    graphs = counters["stats"]["unique_graphs"]
+    ok = breaks == 0 and graphs <= 2 and worst_loss < 1e-2 and worst_grad < 3e-2
+    print(
+        f"{'PASS' if ok else 'FAIL'} compiled layers vs eager (2-layer Qwen2, 3 packed batches): "
+        f"graph breaks {breaks}, graphs {graphs}, loss rel {worst_loss:.1e}, "
+        f"grads rel {worst_grad:.1e}"
+    )
+    if breaks:
+        print("  graph breaks:", list(counters["graph_break"])[:3])
+    return ok
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("error: these checks need a CUDA GPU")
         return 2
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
-    results = [check_attention(), check_chunked_ce(), check_packed_model()]
+    results = [check_attention(), check_chunked_ce(), check_packed_model(), check_compiled_layers()]
     return 0 if all(results) else 1
 
 

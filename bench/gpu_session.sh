@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM=false
     python3 -c "import torch, transformers, trl, datasets, accelerate
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__,
       'datasets', datasets.__version__, 'accelerate', accelerate.__version__)"
-    [ -n "${SKIP_CHECKS:-}" ] || timeout "${CHECKS_LIMIT:-180}" python3 bench/gpu_checks.py
+    [ -n "${SKIP_CHECKS:-}" ] || timeout "${CHECKS_LIMIT:-240}" python3 bench/gpu_checks.py
 } 2>&1 | tee "$OUT/checks.txt"
 for config in ${CONFIGS:-chatsft-packing chatsft-default chatsft-packing-gc2 trl-packing-nogc trl-default}; do
     start=$(date +%s)

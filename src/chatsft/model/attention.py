@@ -9,7 +9,9 @@ own causal attention, through the first of these that applies:
   bf16/fp16: one kernel launch per layer, no recompilation, no extra package;
 - otherwise one causal SDPA call per document (on CPU this is PyTorch's fused flash kernel, with a
   backward pass, unlike FlexAttention on CPU).
-Boundaries are read once per forward (one host sync), not once per layer.
+Boundaries are read once per forward (one host sync), not once per layer; chatsft's loss reads
+them before the forward and passes them down (`boundary_kwargs`), so that inside a compiled decoder
+layer the PyTorch varlen path has no host sync and needs no graph break.
 Everything else (padded batches, generation with a KV cache) goes to transformers' SDPA unchanged.
 """
 
@@ -49,8 +51,7 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Boundaries:
     cu: torch.Tensor  # [num_docs + 1] int32, on the model's device
-    offsets: list[int]  # the same on the host
-    max_len: int
+    max_len: int  # the longest document (a Python int, or a symbolic one inside a compiled graph)
 
 
 # Every layer of one forward receives the same position_ids tensor. Holding a reference to it keeps
@@ -58,29 +59,36 @@ class Boundaries:
 _last_boundaries: tuple[torch.Tensor, int, Boundaries] | None = None
 
 
-def _boundaries(position_ids: torch.Tensor) -> Boundaries:
+@torch.compiler.disable  # reads the boundaries back to the host (one sync)
+def boundaries(position_ids: torch.Tensor) -> Boundaries:
+    """Document boundaries of a [1, T] padding-free row, computed once per batch."""
     global _last_boundaries
     cached = _last_boundaries
     if cached is not None and cached[0] is position_ids and cached[1] == position_ids._version:
         return cached[2]
     cu = cu_seqlens_from_position_ids(position_ids)
-    offsets = cu.tolist()
-    max_len = max(e - s for s, e in zip(offsets[:-1], offsets[1:]))
-    found = Boundaries(cu, offsets, max_len)
+    found = Boundaries(cu, int((cu[1:] - cu[:-1]).max()))
     _last_boundaries = (position_ids, position_ids._version, found)
     return found
 
 
-def _given_boundaries(cu: torch.Tensor, max_len: int | None) -> Boundaries:
-    offsets = cu.tolist()
-    if max_len is None:
-        max_len = max(e - s for s, e in zip(offsets[:-1], offsets[1:]))
-    return Boundaries(cu.to(torch.int32), offsets, int(max_len))
+def boundary_kwargs(b: Boundaries) -> dict:
+    """The flash-attention keyword arguments transformers passes from a model's forward down to
+    every attention call: given these, document attention never reads position_ids again, and
+    its PyTorch varlen path has no host sync, so a compiled decoder layer keeps it in its graph."""
+    return {
+        "cu_seq_lens_q": b.cu,
+        "cu_seq_lens_k": b.cu,
+        "max_length_q": b.max_len,
+        "max_length_k": b.max_len,
+    }
 
 
-def _per_document_sdpa(query, key, value, cu: list[int], scaling, dropout) -> torch.Tensor:
+@torch.compiler.disable  # splits by lengths read on the host
+def _per_document_sdpa(query, key, value, cu: torch.Tensor, scaling, dropout) -> torch.Tensor:
     gqa = key.shape[1] != query.shape[1]
-    lengths = [e - s for s, e in zip(cu[:-1], cu[1:])]
+    offsets = cu.tolist()
+    lengths = [e - s for s, e in zip(offsets[:-1], offsets[1:])]
     # split() (not one slice per document): its backward is one concatenation, where slices would
     # each allocate a full-size zero gradient (11% of a demo step with 25 documents per row).
     outs = [
@@ -94,6 +102,7 @@ def _per_document_sdpa(query, key, value, cu: list[int], scaling, dropout) -> to
     return torch.cat(outs, dim=2)
 
 
+@torch.compiler.disable  # flash-attn's own ops are not known to be traceable: keep it eager
 def _flash_varlen(query, key, value, b: Boundaries, scaling, dropout):
     from flash_attn import flash_attn_varlen_func
 
@@ -155,7 +164,6 @@ def attention_kernel(device_type: str, dtype: torch.dtype | None, dropout: float
     return "one causal SDPA call per document"
 
 
-@torch.compiler.disable  # reads boundaries on the host: the compiled layer calls it eagerly
 def document_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -167,19 +175,22 @@ def document_attention(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """query [batch, heads, T, dim] → output [batch, T, heads, dim], as transformers expects."""
+    """query [batch, heads, T, dim] → output [batch, T, heads, dim], as transformers expects.
+
+    Boundaries come from `cu_seq_lens_q` / `max_length_q` when the caller passes them (chatsft's
+    loss does, see `boundary_kwargs`), else from position_ids."""
     single_row = query.shape[0] == 1 and query.shape[2] == key.shape[2]
-    bounds = None
-    if kwargs.get("cu_seq_lens_q") is not None:
-        bounds = _given_boundaries(kwargs["cu_seq_lens_q"], kwargs.get("max_length_q"))
-    elif single_row and attention_mask is None:
-        position_ids = kwargs.get("position_ids")
-        if position_ids is not None and position_ids.shape[0] == 1:
-            bounds = _boundaries(position_ids)
-    if bounds is None or attention_mask is not None or not single_row:
+    position_ids = kwargs.get("position_ids")
+    given = kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None
+    from_positions = position_ids is not None and position_ids.shape[0] == 1
+    if attention_mask is not None or not single_row or not (given or from_positions):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
+    if given:
+        bounds = Boundaries(kwargs["cu_seq_lens_q"], kwargs["max_length_q"])
+    else:
+        bounds = boundaries(position_ids)
     dropout = dropout if module.training else 0.0
     half = _half_dtype(query)
     kernel = attention_kernel(query.device.type, half, dropout)
@@ -188,7 +199,7 @@ def document_attention(
     elif kernel == "PyTorch varlen flash attention":
         out = _torch_varlen(query, key, value, bounds, scaling, half)
     else:
-        out = _per_document_sdpa(query, key, value, bounds.offsets, scaling, dropout)
+        out = _per_document_sdpa(query, key, value, bounds.cu, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.collate import IGNORE_INDEX
+from .attention import ATTN_NAME, boundaries, boundary_kwargs
 from .chunked_ce import chunked_linear_cross_entropy
 
 # Config fields with which a model transforms logits after its LM head; the chunked path would skip
@@ -48,6 +49,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
+
+
+def _passes_kwargs_down(model: torch.nn.Module) -> bool:
+    params = inspect.signature(_unwrap(model).forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -97,6 +103,25 @@ def _head_computes_loss(head: torch.nn.Linear, target: torch.Tensor) -> Iterator
         del head.forward
 
 
+def with_document_boundaries(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """For a padding-free row under chatsft's document attention: the inputs plus the row's
+    document boundaries, read once here, before the forward, rather than inside it."""
+    position_ids = inputs.get("position_ids")
+    config = getattr(_unwrap(model), "config", None)
+    if (
+        getattr(config, "_attn_implementation", None) != ATTN_NAME
+        or position_ids is None
+        or position_ids.shape[0] != 1
+        or inputs.get("attention_mask") is not None
+        or "cu_seq_lens_q" in inputs
+        or not _passes_kwargs_down(model)
+    ):
+        return inputs
+    return {**inputs, **boundary_kwargs(boundaries(position_ids))}
+
+
 def supervised_loss(
     model: torch.nn.Module,
     inputs: dict[str, torch.Tensor],
@@ -108,6 +133,7 @@ def supervised_loss(
     (whose `logits` are real logits only with chunked=False)."""
     targets = shift_labels(labels)
     keep = targets != IGNORE_INDEX
+    inputs = with_document_boundaries(model, inputs)
     head = chunkable_head(model) if chunked and accepts_logits_to_keep(model) else None
     if head is not None:
         with _head_computes_loss(head, targets[keep]):
