@@ -103,3 +103,44 @@ def test_chunked_cross_entropy_under_bf16_autocast(with_bias, fused):
     torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
     for a, b in zip(got, want):
         assert (a - b).norm() / b.norm() < 2e-2
+
+
+class _CountSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts ops that make a CUDA host wait for the device (data-dependent sizes, scalar reads)."""
+
+    SYNCING = {"aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        bool_index = name in ("aten::index", "aten::index_put_", "aten::index_put") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
+        )
+        self.count += name in self.SYNCING or bool_index
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_syncs_per_step_do_not_grow_with_layers(tokenizer):
+    """The loss and attention read what they need from the device once per forward (positions to
+    keep, document boundaries), never once per layer or per chunk of the loss."""
+    from chatsft.model.loss import supervised_loss
+
+    lengths = [7, 12, 5, 9]
+    ids = torch.randint(3, 50, (1, sum(lengths)))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    counts = []
+    for layers in (2, 4):
+        model = make_model(tokenizer, layers=layers)
+        use_document_attention(model)
+        with _CountSyncs() as mode:
+            parts, _ = supervised_loss(
+                model, {"input_ids": ids, "position_ids": positions(lengths)}, labels, chunked=True
+            )
+            parts.loss_sum.backward()
+        counts.append(mode.count)
+    # trained positions, document starts, the longest document, transformers' packed-row check
+    assert counts == [4, 4]

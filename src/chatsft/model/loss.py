@@ -1,10 +1,11 @@
 """Supervised-only cross-entropy.
 
 The objective is ordinary teacher-forced next-token cross-entropy over the trained tokens. Only the
-positions whose next token is trained reach the LM head (`logits_to_keep` with a boolean mask), so
-logits for prompts, padding and system text are never computed. With `chunked=True` (a plain
+positions whose next token is trained reach the LM head (`logits_to_keep`: their indices for a
+padding-free row, a boolean mask for padded rows), so logits for prompts, padding and system text
+are never computed. With `chunked=True` (a plain
 linear LM head, no logit soft-capping or scaling) even those logits are never materialised at
-once: for that forward the head itself computes the loss in fp32 chunks (`chunked_ce`).
+once: for that forward the head itself computes the loss in chunks (`chunked_ce`).
 The *sum* is returned; dividing by the step's global trained-token count happens in the trainer.
 """
 
@@ -122,6 +123,20 @@ def with_document_boundaries(
     return {**inputs, **boundary_kwargs(boundaries(position_ids))}
 
 
+def _trained_positions(
+    keep: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`logits_to_keep` for the model, the targets at those positions), in the model's order.
+
+    A single (padding-free) row gets integer positions: finding them is the step's one host sync
+    for the loss, before the forward; a boolean mask would cost a second one inside it, at the LM
+    head."""
+    if keep.shape[0] == 1:
+        positions = keep[0].nonzero().squeeze(1)
+        return positions, targets[0, positions]
+    return keep, targets[keep]
+
+
 def supervised_loss(
     model: torch.nn.Module,
     inputs: dict[str, torch.Tensor],
@@ -133,20 +148,20 @@ def supervised_loss(
     (whose `logits` are real logits only with chunked=False)."""
     targets = shift_labels(labels)
     keep = targets != IGNORE_INDEX
+    to_keep, target = _trained_positions(keep, targets)
     inputs = with_document_boundaries(model, inputs)
     head = chunkable_head(model) if chunked and accepts_logits_to_keep(model) else None
     if head is not None:
-        with _head_computes_loss(head, targets[keep]):
-            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+        with _head_computes_loss(head, target):
+            outputs = model(**inputs, logits_to_keep=to_keep, use_cache=False)
         loss_sum, correct = _logits(outputs)
         return LossParts(loss_sum, keep.sum(), correct.detach().long()), outputs
     if accepts_logits_to_keep(model):
-        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+        outputs = model(**inputs, logits_to_keep=to_keep, use_cache=False)
         logits = _logits(outputs).reshape(-1, _logits(outputs).shape[-1])
     else:
         outputs = model(**inputs)
         logits = _logits(outputs)[keep]
-    target = targets[keep]
     loss_sum = F.cross_entropy(logits.float(), target, reduction="sum")
     with torch.no_grad():
         correct = (logits.argmax(dim=-1) == target).sum()
