@@ -70,9 +70,13 @@ def test_kernel_choice_and_log_line(tokenizer):
     if not attention.HAS_FLASH_ATTN:
         expected = "PyTorch varlen flash attention" if has_varlen else "one causal SDPA"
         assert gpu_bf16.startswith(expected)
-    # No fp32 flash kernel, no dropout in the varlen kernel, nothing but SDPA on CPU.
-    for case in (("cuda", torch.float32), ("cpu", torch.bfloat16)):
-        assert attention_kernel(*case) == "one causal SDPA call per document"
+    # No fp32 flash kernel and no dropout in the varlen kernels; the CPU operator has no dropout.
+    assert attention_kernel("cuda", torch.float32) == "one causal SDPA call per document"
+    assert (
+        attention_kernel("cpu", torch.bfloat16, dropout=0.1) == "one causal SDPA call per document"
+    )
+    for dtype in (torch.float32, torch.bfloat16):
+        assert attention_kernel("cpu", dtype) == attention.CPU_KERNEL
     if not attention.HAS_FLASH_ATTN:
         assert attention_kernel("cuda", torch.bfloat16, dropout=0.1).startswith("one causal")
     line = use_document_attention(make_model(tokenizer), "cuda", torch.bfloat16)
@@ -144,3 +148,17 @@ def test_host_syncs_per_step_do_not_grow_with_layers(tokenizer):
         counts.append(mode.count)
     # trained positions, document starts, the longest document, transformers' packed-row check
     assert counts == [4, 4]
+
+
+def test_cpu_operator_gradients_match_the_reference():
+    lengths = [6, 1, 11, 4]
+    q, k, v = (x.requires_grad_() for x in qkv(sum(lengths), seed=5))
+    out, _ = document_attention(
+        torch.nn.Module().eval(), q, k, v, None, position_ids=positions(lengths)
+    )
+    want = reference(q, k, v, lengths)
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(out, (q, k, v), grad.float())
+    expected = torch.autograd.grad(want, (q, k, v), grad)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

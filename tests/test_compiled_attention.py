@@ -1,8 +1,9 @@
-"""A compiled decoder layer keeps the PyTorch varlen path in its graph: no graph break, no
-recompilation per batch, the same loss and gradients as eager per-document attention.
+"""A compiled decoder layer keeps document attention in its graph: no graph break, no
+recompilation per batch, the same loss and gradients as eager.
 
-The varlen kernel is CUDA-only, so a float64-free CPU stand-in with the same calling convention
-takes its place (a torch.library custom op, as PyTorch's is); bench/gpu_checks.py runs the real one.
+Both kernels are checked: the CPU's per-document operator as it is, and the GPU's PyTorch varlen
+path through a CPU stand-in with the same calling convention (a torch.library custom op, as
+PyTorch's is); bench/gpu_checks.py runs the real varlen kernel.
 """
 
 from __future__ import annotations
@@ -101,27 +102,27 @@ def _batch(lengths, vocab, seed):
     return {"input_ids": ids, "position_ids": positions}, labels
 
 
-def test_compiled_layer_keeps_varlen_attention_in_its_graph(tokenizer, monkeypatch):
+@pytest.mark.parametrize("kernel", ["cpu operator", "varlen stand-in"])
+def test_compiled_layer_keeps_attention_in_its_graph(tokenizer, monkeypatch, kernel):
     eager = make_model(tokenizer, hidden=64, layers=2)
     use_document_attention(eager)
     compiled = copy.deepcopy(eager)
     compile_decoder_layers(compiled)
 
-    monkeypatch.setattr(attention, "_torch_varlen_attn", _stand_in)
-    monkeypatch.setattr(attention, "_VARLEN_PARAMS", {"enable_gqa", "scale", "window_size"})
-    monkeypatch.setattr(attention, "_half_dtype", lambda q: q.dtype)
     real_kernel = attention.attention_kernel
+    varlen = real_kernel
+    if kernel == "varlen stand-in":
+        monkeypatch.setattr(attention, "_torch_varlen_attn", _stand_in)
+        monkeypatch.setattr(attention, "_VARLEN_PARAMS", {"enable_gqa", "scale", "window_size"})
+        monkeypatch.setattr(attention, "_half_dtype", lambda q: q.dtype)
+        varlen = lambda *a, **k: "PyTorch varlen flash attention"  # noqa: E731
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     for i, lengths in enumerate(([5, 9, 2, 14], [1, 20, 3], [7, 7, 7, 7, 2], [30])):
         inputs, labels = _batch(lengths, len(tokenizer), seed=i)
         grads = []
-        for model, kernel in ((eager, real_kernel), (compiled, None)):
-            monkeypatch.setattr(
-                attention,
-                "attention_kernel",
-                kernel or (lambda *a, **k: "PyTorch varlen flash attention"),
-            )
+        for model, choose in ((eager, real_kernel), (compiled, varlen)):
+            monkeypatch.setattr(attention, "attention_kernel", choose)
             model.zero_grad()
             parts, _ = supervised_loss(model, inputs, labels, chunked=True)
             parts.loss_sum.backward()

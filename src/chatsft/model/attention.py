@@ -7,8 +7,9 @@ own causal attention, through the first of these that applies:
 - flash-attn's varlen kernel on CUDA when the optional extra is installed;
 - PyTorch's own varlen flash kernel (`torch.nn.attention.varlen`, torch >= 2.10) on CUDA in
   bf16/fp16: one kernel launch per layer, no recompilation, no extra package;
-- otherwise one causal SDPA call per document (on CPU this is PyTorch's fused flash kernel, with a
-  backward pass, unlike FlexAttention on CPU).
+- otherwise one causal attention call per document: on a CPU PyTorch's fused flash kernel (it has
+  a backward pass, unlike FlexAttention on CPU), wrapped as one operator (`cpu_attention`); with
+  dropout, or fp32 on a GPU, one SDPA call per document.
 Boundaries are read once per forward (one host sync), not once per layer; chatsft's loss reads
 them before the forward and passes them down (`boundary_kwargs`), so that inside a compiled decoder
 layer the PyTorch varlen path has no host sync and needs no graph break.
@@ -28,6 +29,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .cpu_attention import per_document_attention
+
 try:
     from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
 except ImportError:  # torch < 2.10
@@ -39,6 +42,7 @@ _VARLEN_PARAMS = (
     set(inspect.signature(_torch_varlen_attn).parameters) if _torch_varlen_attn else set()
 )
 HALF = (torch.bfloat16, torch.float16)
+CPU_KERNEL = "one causal flash-attention call per document, as one operator"
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -161,6 +165,8 @@ def attention_kernel(device_type: str, dtype: torch.dtype | None, dropout: float
         return "flash-attn varlen"
     if device_type == "cuda" and _torch_varlen_attn and dtype in HALF and not dropout:
         return "PyTorch varlen flash attention"
+    if device_type == "cpu" and not dropout:
+        return CPU_KERNEL
     return "one causal SDPA call per document"
 
 
@@ -198,6 +204,8 @@ def document_attention(
         out = _flash_varlen(query, key, value, bounds, scaling, dropout)
     elif kernel == "PyTorch varlen flash attention":
         out = _torch_varlen(query, key, value, bounds, scaling, half)
+    elif kernel == CPU_KERNEL:
+        out = per_document_attention(query, key, value, bounds.cu, scaling)
     else:
         out = _per_document_sdpa(query, key, value, bounds.cu, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None

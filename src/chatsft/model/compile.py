@@ -4,11 +4,10 @@ Compiling the whole model unrolls every layer into one graph (minutes of compili
 model) and recompiles when a packed batch changes length. Compiling the repeated decoder layer
 instead compiles one graph that all layers share, with a dynamic sequence length, so batches of any
 length reuse it. The document boundaries arrive as arguments (read once per batch by the loss,
-before the forward), so on a GPU the PyTorch varlen attention kernel is part of the layer's graph:
-one graph, no graph break, so the layout changes around attention fuse with the rotary embedding.
-On a CPU (one SDPA call per document, split by lengths read on the host) the graph breaks at the
-attention call, which splits each layer into the part before attention and the part after it.
-Either way what gets fused is the memory-bound work around the matmuls (RMSNorm, rotary
+before the forward), so the attention is part of the layer's graph, with no graph break: on a GPU
+PyTorch's varlen kernel, on a CPU chatsft's per-document operator (`cpu_attention`); the layout
+changes around it fuse with the rotary embedding.
+What gets fused is the memory-bound work around the matmuls (RMSNorm, rotary
 embedding, SwiGLU, residuals).
 `Module.compile` works in place, so parameter names, checkpoints and the optimizer see the same
 model as eager.
