@@ -85,7 +85,10 @@ for _name in ("chatsft-packing-compile", "trl-packing-nogc"):
     )
 # CUDA graphs (torch.compile mode "reduce-overhead") for the compiled layer regions, with every
 # padding-free row padded to the same 16,384 tokens (a filler document) so that their shapes are
-# static: one graph replay instead of one launch per kernel.
+# static: one graph replay instead of one launch per kernel. The varlen attention is kept out of
+# the graphs (a graph break around it, as before 2026-11-30's evening changes): its inputs (the
+# document offsets and the longest document) change size and value every batch, which would make
+# CUDA graphs re-record every step.
 CONFIGS["chatsft-packing-compile-cudagraphs"] = (
     "chatsft",
     {
@@ -95,6 +98,18 @@ CONFIGS["chatsft-packing-compile-cudagraphs"] = (
         "pad_to_multiple_of": 8 * 2048,
     },
 )
+
+
+def _attention_outside_graphs() -> None:
+    import torch
+
+    from chatsft.model import attention
+
+    attention._torch_varlen = torch.compiler.disable(attention._torch_varlen)
+
+
+# Changes to chatsft made in the benchmark process before the trainer is built, per config.
+PATCHES: dict[str, Any] = {"chatsft-packing-compile-cudagraphs": _attention_outside_graphs}
 DEFAULT_CONFIGS = ("trl-default", "trl-packing", "chatsft-default", "chatsft-packing")
 # Process environment for a config (set before torch starts): the CUDA caching allocator with
 # expandable segments, which avoids cudaFree/cudaMalloc round trips (device syncs) when tensor
@@ -399,6 +414,8 @@ def run_one(name: str, opts: argparse.Namespace) -> dict[str, Any]:
     steps = opts.steps or workload.steps
     warmup = workload.warmup_steps if opts.warmup is None else opts.warmup
     framework, overrides = CONFIGS[name]
+    if name in PATCHES:
+        PATCHES[name]()
     version = source_version()  # before importing: src/ may change while a run trains
     if framework == "trl":
         from trl import SFTConfig, SFTTrainer
