@@ -194,7 +194,7 @@ def document_attention(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
     if given:
-        bounds = Boundaries(kwargs["cu_seq_lens_q"], kwargs["max_length_q"])
+        bounds = Boundaries(kwargs["cu_seq_lens_q"].to(torch.int32), kwargs["max_length_q"])
     else:
         bounds = boundaries(position_ids)
     dropout = dropout if module.training else 0.0

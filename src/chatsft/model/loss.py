@@ -3,10 +3,10 @@
 The objective is ordinary teacher-forced next-token cross-entropy over the trained tokens. Only the
 positions whose next token is trained reach the LM head (`logits_to_keep`: their indices for a
 padding-free row, a boolean mask for padded rows), so logits for prompts, padding and system text
-are never computed. With `chunked=True` (a plain
-linear LM head, no logit soft-capping or scaling) even those logits are never materialised at
-once: for that forward the head itself computes the loss in chunks (`chunked_ce`).
-The *sum* is returned; dividing by the step's global trained-token count happens in the trainer.
+are never computed. With `chunked=True` (a plain linear LM head, no logit soft-capping or scaling)
+even those logits are never materialised at once: for that forward the head itself computes the loss
+in chunks (`chunked_ce`). The *sum* is returned; dividing by the step's global trained-token count
+happens in the trainer.
 """
 
 from __future__ import annotations
