@@ -102,25 +102,22 @@ def check_chunked_ce() -> bool:
     return ok
 
 
-def check_packed_model() -> bool:
+def two_layer_qwen2(seed: int) -> torch.nn.Module:
+    """The GPU workload's Qwen2-0.5B shape (bench/vs_trl.py) cut to 2 layers, SDPA, on CUDA."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
+    from vs_trl import QWEN2_05B  # bench/ is on sys.path when this file runs as a script
 
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(**{**QWEN2_05B, "num_hidden_layers": 2}, attn_implementation="sdpa")
+    return Qwen2ForCausalLM(cfg).cuda()
+
+
+def check_packed_model() -> bool:
     from chatsft.data.collate import PaddedCollator, PaddingFreeCollator
     from chatsft.model.attention import use_document_attention
     from chatsft.model.loss import supervised_loss
 
-    torch.manual_seed(2)
-    cfg = Qwen2Config(
-        hidden_size=896,
-        num_hidden_layers=2,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        intermediate_size=4864,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
-    model = Qwen2ForCausalLM(cfg).cuda()
+    model = two_layer_qwen2(seed=2)
     line = use_document_attention(model, "cuda", torch.bfloat16)
     rows = []
     for n in (700, 33, 1500, 260):
@@ -154,25 +151,12 @@ def check_compiled_layers() -> bool:
     recompile per batch) and train like eager: loss and gradients of three packed batches."""
     import copy
 
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from chatsft.data.collate import PaddingFreeCollator
     from chatsft.model.attention import use_document_attention
     from chatsft.model.compile import compile_decoder_layers
     from chatsft.model.loss import supervised_loss
 
-    torch.manual_seed(3)
-    cfg = Qwen2Config(
-        hidden_size=896,
-        num_hidden_layers=2,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        intermediate_size=4864,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
-    eager = Qwen2ForCausalLM(cfg).cuda()
+    eager = two_layer_qwen2(seed=3)
     use_document_attention(eager, "cuda", torch.bfloat16)
     compiled = copy.deepcopy(eager)
     compile_decoder_layers(compiled)
