@@ -165,3 +165,15 @@ def test_chunked_cross_entropy_matches_reference_across_chunks(fused):
     # Gradients are scaled in place: a second backward must fail loudly, not return wrong values.
     with pytest.raises(RuntimeError, match="one backward"):
         torch.autograd.grad(loss, (h, w, b))
+
+
+def test_padding_free_collator_names_a_mismatched_field():
+    from chatsft.errors import ChatSFTError
+
+    good = {"input_ids": [5, 6, 7], "trained_mask": [False, True, True]}
+    with pytest.raises(
+        ChatSFTError, match="example 1 of the batch has 3 input_ids but trained_mask"
+    ):
+        PaddingFreeCollator()([good, {**good, "trained_mask": [True, True]}])
+    with pytest.raises(ChatSFTError, match="seq_lengths covers 4"):
+        PaddingFreeCollator()([{**good, "seq_lengths": [1, 3]}])

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import ChatSFTError
+
 IGNORE_INDEX = -100
 
 
@@ -25,6 +27,23 @@ def _concat(lists: Iterable[Any], dtype: type = np.int64) -> np.ndarray:
 
 def _doc_lengths(example: dict[str, Any]) -> list[int]:
     return list(example.get("seq_lengths") or [len(example["input_ids"])])
+
+
+def _check_lengths(example: dict[str, Any], index: int) -> None:
+    """One trained_mask entry per token and seq_lengths that add up to the row: the vectorised
+    collation would otherwise shift labels across examples silently."""
+    n = len(example["input_ids"])
+    for name, size in (
+        ("trained_mask", len(example["trained_mask"])),
+        ("seq_lengths", sum(_doc_lengths(example))),
+    ):
+        if size != n:
+            raise ChatSFTError(
+                f"example {index} of the batch has {n} input_ids but {name} covers {size}",
+                field=name,
+                hint="prepare the data with chatsft (one trained_mask entry per token, "
+                "seq_lengths summing to the row length) or pass your own data_collator",
+            )
 
 
 def _labels(ids: list[int], mask: list[bool], lengths: list[int]) -> list[int]:
@@ -80,11 +99,11 @@ class PaddingFreeCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         # numpy over the concatenated lists: this runs in the training loop's process once per step
         # (about 4x faster than building Python lists and calling torch.tensor on them).
+        for i, e in enumerate(examples):
+            _check_lengths(e, i)
         ids = _concat(e["input_ids"] for e in examples)
         trained = _concat((e["trained_mask"] for e in examples), np.bool_)
         lengths = np.array([n for e in examples for n in _doc_lengths(e)], dtype=np.int64)
-        if lengths.sum() != len(ids) or len(trained) != len(ids):
-            raise ValueError("seq_lengths / trained_mask do not match input_ids")
         self.filler_tokens = self._padded_length(len(ids)) - len(ids)
         if self.filler_tokens:
             ids = np.concatenate([ids, np.full(self.filler_tokens, self.pad_token_id, np.int64)])
