@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -158,3 +159,21 @@ def dump_dom(page, tmp_path) -> str:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts ops that make a CUDA host wait for the device (data-dependent sizes, scalar reads)."""
+
+    SYNCING = {"aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        bool_index = name in ("aten::index", "aten::index_put_", "aten::index_put") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
+        )
+        self.count += name in self.SYNCING or bool_index
+        return func(*args, **(kwargs or {}))

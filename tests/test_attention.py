@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model
+from conftest import CountSyncs, make_model
 
 from chatsft.model import attention
 from chatsft.model.attention import attention_kernel, document_attention, use_document_attention
@@ -109,24 +109,6 @@ def test_chunked_cross_entropy_under_bf16_autocast(with_bias, fused):
         assert (a - b).norm() / b.norm() < 2e-2
 
 
-class _CountSyncs(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts ops that make a CUDA host wait for the device (data-dependent sizes, scalar reads)."""
-
-    SYNCING = {"aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select"}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        bool_index = name in ("aten::index", "aten::index_put_", "aten::index_put") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
-        )
-        self.count += name in self.SYNCING or bool_index
-        return func(*args, **(kwargs or {}))
-
-
 def test_host_syncs_per_step_do_not_grow_with_layers(tokenizer):
     """The loss and attention read what they need from the device once per forward (positions to
     keep, document boundaries), never once per layer or per chunk of the loss."""
@@ -140,7 +122,7 @@ def test_host_syncs_per_step_do_not_grow_with_layers(tokenizer):
     for layers in (2, 4):
         model = make_model(tokenizer, layers=layers)
         use_document_attention(model)
-        with _CountSyncs() as mode:
+        with CountSyncs() as mode:
             parts, _ = supervised_loss(
                 model, {"input_ids": ids, "position_ids": positions(lengths)}, labels, chunked=True
             )

@@ -56,6 +56,31 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, model_dir, padding
         assert value == pytest.approx(b["weights"][name], rel=1e-4, abs=1e-4), name
 
 
+def test_a_nonfinite_step_on_one_rank_is_skipped_on_every_rank(tmp_path, model_dir):
+    """The NaN gradient of one rank reaches every rank through the all-reduce, so every rank skips
+    the same step and the replicas stay identical."""
+    data = write_jsonl(tmp_path / "d.jsonl", chats(16, seed=5))
+    out = tmp_path / "nf"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    script = SCRIPT.parent / "ddp_nonfinite.py"
+    _run(
+        [
+            *torchrun,
+            "--master_port",
+            str(_free_port()),
+            str(script),
+            model_dir,
+            str(data),
+            str(out),
+        ],
+        tmp_path,
+    )
+    ranks = [json.loads((tmp_path / f"nf.{r}.json").read_text()) for r in (0, 1)]
+    assert [r["skipped"] for r in ranks] == [[2], [2]]
+    assert all(r["finite"] for r in ranks)
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
 def test_torchrun_runs_the_cli(tmp_path, model_dir):
     data = write_jsonl(tmp_path / "d.jsonl", chats(16, seed=3))
     out = tmp_path / "out"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import datasets
 import pytest
 import torch
-from conftest import chats, make_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from conftest import CountSyncs, chats, make_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from chatsft import ChatSFTError, SFTConfig, SFTTrainer
 
@@ -193,18 +195,76 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(tmp_path, tokenizer):
         trainer.train()
 
 
-def test_nonfinite_batches_can_be_skipped(tmp_path, tokenizer, capsys):
+class Snapshots(TrainerCallback):
+    """The trainable parameters after every optimizer step."""
+
+    def __init__(self, model):
+        self.model, self.after = model, {0: self.copy(model)}
+
+    @staticmethod
+    def copy(model):
+        return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.after[state.global_step] = self.copy(self.model)
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch", "sgd"])
+def test_a_skipped_step_leaves_the_weights_untouched(tmp_path, tokenizer, capsys, optim):
+    """The update of a non-finite step is not applied at all: with AdamW a zero gradient would
+    still move the weights (momentum), so the step itself is skipped (fused AdamW: on the device,
+    through the optimizer's found_inf flag; others: on the host)."""
     model = NaNAtCall(len(tokenizer), 2)
+    snapshots = Snapshots(model)
     trainer = SFTTrainer(
         model=model,
-        args=args(tmp_path, max_nonfinite_batches=1),
+        args=args(tmp_path, max_nonfinite_batches=1, optim=optim, max_steps=4, logging_steps=2),
         processing_class=tokenizer,
         train_dataset=datasets.Dataset.from_list(chats(16)),
+        callbacks=[snapshots],
     )
     trainer.train()
     assert trainer.nonfinite_steps == [2]
+    after = snapshots.after
+    assert all(torch.equal(a, b) for a, b in zip(after[1], after[2]))
+    for step in (1, 3, 4):
+        assert all(not torch.equal(a, b) for a, b in zip(after[step - 1], after[step]))
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert "skipped 1 non-finite batches (steps 2)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skipped step 2: its loss is nan" in out
+    assert "skipped 1 non-finite steps (2)" in out
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and all(math.isfinite(x) and x > 0 for x in logged)
+
+
+class CountSyncsOfSteps(TrainerCallback):
+    """Host-device syncs during optimizer steps first < step <= last."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last, self.mode = first, last, CountSyncs()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.first:
+            self.mode.__enter__()
+        if state.global_step == self.last:
+            self.mode.__exit__(None, None, None)
+
+
+def test_a_training_step_syncs_only_where_the_forward_reads_its_batch(tmp_path, tokenizer):
+    """Between logging steps the host never waits for the device outside the model's forward:
+    non-finite checks, the gradient norm and the logged loss stay on the device."""
+    counter = CountSyncsOfSteps(2, 5)
+    trainer = SFTTrainer(
+        model=make_model(tokenizer),
+        args=args(tmp_path, max_steps=6, logging_steps=100, padding_free=True),
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_list(chats(32)),
+        callbacks=[counter],
+    )
+    trainer.train()
+    # per step: trained positions, document starts, the longest document (chatsft's loss, before
+    # the forward) and transformers' packed-row check: the same 4 as a bare forward+backward.
+    assert counter.mode.count == 3 * 4
 
 
 class NaNGradient(PlainLM):

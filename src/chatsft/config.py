@@ -187,8 +187,16 @@ class SFTConfig(TrainingArguments):
     max_nonfinite_batches: int = field(
         default=0,
         metadata={
-            "help": "Micro-batches with a NaN or inf loss to skip (with zero gradient, reported at "
-            "the end) before the run stops. 0: stop at the first, naming the step."
+            "help": "Optimizer steps with a NaN or inf loss or gradient norm to skip (their update "
+            "is not applied; they are listed in the log) before the run stops. 0: stop at the "
+            "first, naming the step. Found on the device and read when the trainer logs."
+        },
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "transformers' host-side NaN filter for the logged loss (one host sync per "
+            "micro-batch). Off: chatsft already leaves skipped steps out of the logged loss."
         },
     )
 

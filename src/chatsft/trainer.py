@@ -28,6 +28,7 @@ from .model.attention import isolates_without_dense_mask, use_document_attention
 from .model.compile import compile_decoder_layers
 from .model.load import apply_peft, load_model, load_tokenizer
 from .model.loss import supervised_loss
+from .nonfinite import NonFiniteGuard, NonFiniteStep
 
 CONFIG_FILE = "training_config.yaml"
 STAGING_DIR = ".checkpoint-in-progress"
@@ -216,6 +217,8 @@ class SFTTrainer(Trainer):
         self._sums: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
         self.num_trained_tokens = 0
         self.nonfinite_steps: list[int] = []
+        self._nonfinite = NonFiniteGuard()
+        self._steps_since_log = 0
 
     def _prepare(self, dataset, tokenizer, opts, name, args, prep_kwargs):
         if isinstance(dataset, (datasets.IterableDataset, torch.utils.data.IterableDataset)):
@@ -293,42 +296,53 @@ class SFTTrainer(Trainer):
             loss = parts.loss_sum / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
-        if model.training:
-            loss = self._guard_nonfinite(model, loss)
+        if model.training and self._guards_nonfinite():
+            loss = self._nonfinite.poison(loss)
         mode = "train" if model.training else "eval"
         self._sums[mode].append(torch.stack([parts.num_tokens, parts.num_correct]).detach())
         return (loss, outputs) if return_outputs else loss
 
-    def _guard_nonfinite(self, model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
-        # One host sync per micro-batch; the Trainer's own NaN log filter already pays for one.
-        if torch.isfinite(loss.detach()):
-            return loss
-        self._nonfinite("loss", loss.item())
-        # A zero that still touches every trainable parameter, so DDP sees all of them.
-        return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+    def _guards_nonfinite(self) -> bool:
+        # fp16's GradScaler skips overflowing steps itself (expected while it calibrates).
+        return self.accelerator.scaler is None
 
-    def _nonfinite(self, what: str, value: float) -> None:
-        """Stop naming the step, or count the skip if max_nonfinite_batches allows it."""
-        step = self.state.global_step + 1
-        self.nonfinite_steps.append(step)
-        if len(self.nonfinite_steps) > self.args.max_nonfinite_batches:
-            raise ChatSFTError(
-                f"the {what} is {value} at step {step}; stopping before the weights are damaged",
-                field=what,
-                hint="lower learning_rate, check the data of that step, or set "
-                "max_nonfinite_batches to skip such batches",
-            )
-        self._say(self.args, f"skipping a batch with a non-finite {what} at step {step}")
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not self._guards_nonfinite():
+            return loss
+        # The logged loss leaves out skipped micro-batches (see log); checking here on the device
+        # spares the Trainer's own NaN filter, and its host sync (SFTConfig turns it off).
+        return torch.where(torch.isfinite(loss), loss, 0.0)
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        self._nonfinite.install(optimizer)
+        return optimizer
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
-        # The Trainer computes the step's gradient norm here anyway; checking it costs nothing more.
+        # Runs right before optimizer.step(): the step is skipped there if this norm is not finite.
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-            self._nonfinite("gradient norm", float(grad_norm))
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.zero_()
+        self._steps_since_log += 1
+        if self._guards_nonfinite():
+            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
+            self._nonfinite.before_step(self.state.global_step + 1, grad_norm, optimizer)
         return grad_norm
+
+    def _report_nonfinite(self) -> list[NonFiniteStep]:
+        """Count the non-finite steps found since the last call; stop past max_nonfinite_batches."""
+        found = self._nonfinite.read()
+        for bad in found:
+            self.nonfinite_steps.append(bad.step)
+            if len(self.nonfinite_steps) > self.args.max_nonfinite_batches:
+                raise ChatSFTError(
+                    f"the {bad.what} is {bad.value} at step {bad.step}; its update was not "
+                    "applied; stopping",
+                    field=bad.what,
+                    hint="lower learning_rate, check the data of that step, or set "
+                    "max_nonfinite_batches to skip such steps",
+                )
+            self._say(self.args, f"skipped step {bad.step}: its {bad.what} is {bad.value}")
+        return found
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if resume_from_checkpoint is True:
@@ -339,11 +353,10 @@ class SFTTrainer(Trainer):
                     "no complete checkpoint to resume from", source=self.args.output_dir
                 )
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self._report_nonfinite()
         if self.nonfinite_steps:
             steps = ", ".join(map(str, self.nonfinite_steps))
-            self._say(
-                self.args, f"skipped {len(self.nonfinite_steps)} non-finite batches (steps {steps})"
-            )
+            self._say(self.args, f"skipped {len(self.nonfinite_steps)} non-finite steps ({steps})")
         return result
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -354,6 +367,14 @@ class SFTTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         is_eval = any(k.startswith("eval_") for k in logs)
+        if "loss" in logs:  # a training log: the host reads the loss now anyway
+            skipped = len(self._report_nonfinite())
+            if skipped:  # the Trainer averaged over every step of the window; skipped ones add 0
+                applied = self._steps_since_log - skipped
+                logs["loss"] = (
+                    logs["loss"] * self._steps_since_log / applied if applied else math.nan
+                )
+            self._steps_since_log = 0
         sums = self._sums["eval" if is_eval else "train"]
         if sums:
             total = torch.stack(sums).sum(0)
