@@ -88,6 +88,25 @@ def test_top_k_1_sampling_equals_greedy_and_seed_leaves_caller_rng(model, tokeni
     assert torch.equal(torch.rand(1), expected_next)
 
 
+def test_unset_knobs_follow_the_models_generation_config(model, tokenizer):
+    """No knobs: the model's own generation_config decides (here: it samples); temperature 0
+    still means greedy."""
+    greedy = generate(model, tokenizer, [USER], max_new_tokens=12)[0].text
+    model.generation_config.do_sample = True
+    model.generation_config.temperature = 2.0
+    try:
+        sampled = {
+            generate(model, tokenizer, [USER], max_new_tokens=12, seed=s)[0].text for s in range(4)
+        }
+        assert len(sampled) > 1
+        assert generate(model, tokenizer, [USER], max_new_tokens=12, temperature=0)[0].text == (
+            greedy
+        )
+    finally:
+        model.generation_config.do_sample = False
+        model.generation_config.temperature = 1.0
+
+
 def test_beam_search_returns_distinct_scored_beams(model, tokenizer):
     results = generate(
         model, tokenizer, ["the cat", USER], max_new_tokens=6, num_beams=4, num_return_sequences=3
@@ -204,7 +223,7 @@ def test_chat_repl_keeps_history_resets_and_validates_knobs(model, tokenizer):
     assert "did you mean 'top_p'" in out and "not read" not in out
     assert session.knobs["top_p"] == 0.5 and session.knobs["do_sample"] is True
     session.update_knobs({"top_p": "none"})
-    assert "top_p" not in session.knobs and session.knobs["do_sample"] is False
+    assert "top_p" not in session.knobs and "do_sample" not in session.knobs
 
 
 def test_chat_command_reads_stdin(model_dir, monkeypatch, capsys):

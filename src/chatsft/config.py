@@ -205,6 +205,18 @@ class SFTConfig(TrainingArguments):
             self.max_length = self.max_len
         if self.truncate_longer_inputs is not None:
             self.overlong_policy = "truncate" if self.truncate_longer_inputs else "drop"
+        if isinstance(self.max_length, str):  # `--max_length None` on the command line
+            if self.max_length.strip().lower() not in ("none", "null"):
+                raise ValueError(
+                    f"max_length must be a positive integer or None, got {self.max_length!r}"
+                )
+            self.max_length = None
+        if str(self.per_device_train_batch_size).lower() == "auto":
+            raise ValueError(
+                "per_device_train_batch_size: auto is worked out by `chatsft estimate CONFIG "
+                "--memory 24GiB` (it reads the same file); training needs a number: put the "
+                "per_device_train_batch_size and gradient_accumulation_steps it prints in the config"
+            )
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(
                 f"max_length must be a positive integer or None, got {self.max_length}"

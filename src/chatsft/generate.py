@@ -148,6 +148,7 @@ def check_knobs(knobs: Mapping[str, Any]) -> dict[str, Any]:
 def _check_combinations(k: dict[str, Any]) -> dict[str, Any]:
     if k.get("temperature") == 0 and not k.get("do_sample"):
         del k["temperature"]  # the usual "temperature 0 = greedy" convention
+        k["do_sample"] = False  # greedy even if the model's generation_config samples
     sampling = [n for n in SAMPLING_KNOBS if n in k]
     if k.get("do_sample") is False and sampling:
         raise ChatSFTError(
@@ -155,8 +156,12 @@ def _check_combinations(k: dict[str, Any]) -> dict[str, Any]:
             field=sampling[0],
             hint="set do_sample true, or leave it out",
         )
-    k["do_sample"] = bool(k.get("do_sample") or sampling)
-    if k["do_sample"] and k.get("temperature") == 0:
+    if sampling:
+        k["do_sample"] = True
+    elif k.get("num_beams", 1) > 1:
+        k.setdefault("do_sample", False)  # beam search, not beam sampling, unless asked
+    # Otherwise do_sample stays unset: the model's generation_config decides.
+    if k.get("do_sample") and k.get("temperature") == 0:
         raise ChatSFTError(
             "must be > 0 when sampling",
             field="temperature",
@@ -166,7 +171,7 @@ def _check_combinations(k: dict[str, Any]) -> dict[str, Any]:
     for name in BEAM_KNOBS:
         if name in k and beams == 1:
             raise ChatSFTError("only applies to beam search", field=name, hint="set num_beams > 1")
-    if not k["do_sample"] and k.get("num_return_sequences", 1) > beams:
+    if not k.get("do_sample") and k.get("num_return_sequences", 1) > beams:
         raise ChatSFTError(
             f"greedy/beam search can return at most num_beams ({beams}) distinct sequences",
             field="num_return_sequences",
