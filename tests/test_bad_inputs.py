@@ -146,6 +146,11 @@ CASES = [
         "max_length must be a positive integer",
     ),
     (
+        "batch size auto (an estimate option)",
+        ["train", "{dir}/batch_size_auto.yaml"],
+        "per_device_train_batch_size: auto is worked out by `chatsft estimate CONFIG",
+    ),
+    (
         "negative learning rate",
         ["train", "{dir}/negative_lr.yaml"],
         "learning_rate must be >= 0, got -0.1",

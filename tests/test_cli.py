@@ -161,3 +161,11 @@ def test_resume_continues_from_the_newest_checkpoint(tmp_path, model_dir, capsys
     assert "resuming from" in capsys.readouterr().out and (out / "checkpoint-4").is_dir()
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
+
+
+@pytest.mark.parametrize("value", ["None", "none", "null"])
+def test_max_length_none_on_the_command_line_means_no_limit(value):
+    from chatsft.run_config import load_run_config
+
+    run = load_run_config(None, ["--model", "m", "--dataset", "d.jsonl", "--max_length", value])
+    assert run.sft.max_length is None
