@@ -97,6 +97,31 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     assert "model path does not exist" in capsys.readouterr().err
 
 
+def test_a_single_name_hub_id_loads_from_the_cache_offline(tmp_path, model_dir):
+    """`gpt2`-style ids (no org) already in the Hugging Face cache load with HF_HUB_OFFLINE=1, as
+    with transformers; an id that is not cached is a clear error."""
+    import shutil
+
+    commit = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--tinyname"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = (
+        "from chatsft.model.load import check_model_ref, load_model\n"
+        "print(type(load_model('tinyname')).__name__)\n"
+        "try:\n    check_model_ref('othername')\n"
+        "except Exception as e:\n    print(e)\n"
+    )
+    env = {**offline_env(), "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[0] == "LlamaForCausalLM"
+    assert "not in the Hugging Face cache" in out.stdout
+
+
 def test_help_lists_the_commands():
     result = run_cli("--help")
     assert result.returncode == 0

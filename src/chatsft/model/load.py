@@ -48,10 +48,27 @@ def check_model_ref(ref: str) -> None:
                 hint="point model at a folder written by save_pretrained, or a hub id",
             )
         return
-    if looks_local or os.environ.get("HF_HUB_OFFLINE") == "1" and ref.count("/") != 1:
+    if looks_local:
         raise ChatSFTError(
             "model path does not exist", source=ref, field="model", hint="check the path or hub id"
         )
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(ref):
+        raise ChatSFTError(
+            "not a local folder, and not in the Hugging Face cache (HF_HUB_OFFLINE=1)",
+            source=ref,
+            field="model",
+            hint="check the path or hub id, or download it once with network access",
+        )
+
+
+def _in_hub_cache(ref: str) -> bool:
+    """A hub id (`gpt2`, `org/name`) whose config.json is already in the local cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(ref, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def tokenizer_source(model_arg: str | torch.nn.Module) -> str | None:
