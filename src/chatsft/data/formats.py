@@ -131,25 +131,29 @@ def check_messages(messages: Any, row: int, field: str, source: str | None) -> l
                 row=row,
                 field=f"{where}.content",
             )
-        if content is not None and not content.strip() and not has_calls:
+        # An empty system prompt is common in ShareGPT/OpenHermes dumps and renders as the
+        # template renders it; other empty turns (an empty trained reply) are data errors.
+        if content is not None and not content.strip() and not has_calls and role != "system":
             raise ChatSFTError("content is empty", source=source, row=row, field=f"{where}.content")
-        if role == "tool" and not _follows_tool_call(out):
+        if role == "tool" and not _follows_assistant(out):
             raise ChatSFTError(
-                "a tool message must answer an assistant message with tool_calls",
+                "a tool message must answer an assistant message's call",
                 source=source,
                 row=row,
                 field=where,
-                hint="add the assistant's tool_calls before it, or drop the tool message",
+                hint="put the assistant message with the call before it, or drop the tool message",
             )
         # Arrow fills absent keys of a struct column with None; templates test keys with `in`.
         out.append({k: v for k, v in m.items() if v is not None})
     return out
 
 
-def _follows_tool_call(previous: list[dict]) -> bool:
+def _follows_assistant(previous: list[dict]) -> bool:
+    """Tool results answer the last non-tool message, which must be the assistant's. Its call may
+    be structured `tool_calls` or written in its text (Glaive's layout), so either is accepted."""
     for m in reversed(previous):
         if m["role"] != "tool":
-            return m["role"] == "assistant" and bool(m.get("tool_calls"))
+            return m["role"] == "assistant"
     return False
 
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import datasets
+from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 
 from ..errors import ChatSFTError
 
@@ -43,12 +44,56 @@ def _check_jsonl(path: Path) -> None:
         ) from None
 
 
-def _local_files(path: Path) -> tuple[str, list[str]]:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in BUILDERS)
-    if not files:
+def _split_names(split: str) -> list[str]:
+    """The split names in a datasets split string: `train`, `train[:100]`, `train+validation`."""
+    return [part.split("[")[0].strip() for part in split.split("+")]
+
+
+def _folder_splits(folder: Path) -> dict[str, list[Path]]:
+    """Assign a folder's data files to splits by their names, with datasets' own rules (what
+    `datasets.load_dataset(folder)` does): train/training, test/testing/eval/evaluation,
+    validation/valid/dev/val in a file or sub-folder name. A folder with no such names is all
+    "train"; files beside split-named ones that match no split are left out, as datasets does."""
+    try:
+        patterns = get_data_patterns(str(folder))
+        resolved = DataFilesDict.from_patterns(patterns, base_path=str(folder))
+    except (EmptyDatasetError, FileNotFoundError):  # an empty folder, or only hidden files
+        return {}
+    splits = {
+        str(name): sorted(Path(f) for f in files if Path(f).suffix in BUILDERS)
+        for name, files in resolved.items()
+    }
+    return {name: files for name, files in splits.items() if files}
+
+
+def _local_files(path: Path, split: str) -> tuple[str, dict[str, list[str]]]:
+    """The builder name and {split: files} for the splits named in `split`, each file checked."""
+    names = _split_names(split)
+    if path.is_file():
+        # A single file is the train split, as datasets names it; reusing it for any other split
+        # would silently evaluate on the training rows.
+        splits = {"train": [path]}
+    else:
+        splits = _folder_splits(path)
+        if not splits:
+            raise ChatSFTError(
+                "no .jsonl, .json, .csv or .parquet files found", source=str(path), field="dataset"
+            )
+    missing = [name for name in names if name not in splits]
+    if missing and path.is_file():
         raise ChatSFTError(
-            "no .jsonl, .json, .csv or .parquet files found", source=str(path), field="dataset"
+            f"a single file is the 'train' split, so it has no {missing[0]!r} split",
+            source=str(path),
+            hint="give the other split as eval_dataset, or use eval_fraction",
         )
+    if missing:
+        raise ChatSFTError(
+            f"no {missing[0]!r} split; splits found: {', '.join(sorted(splits))}",
+            source=str(path),
+            hint="files go to splits by name (train*, test*/eval*, validation*/valid*/dev*); "
+            "set dataset_split / eval_split to a split found",
+        )
+    files = [p for name in dict.fromkeys(names) for p in splits[name]]
     kinds = {BUILDERS.get(p.suffix) for p in files}
     if None in kinds or len(kinds) != 1:
         raise ChatSFTError(
@@ -62,20 +107,22 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
             raise ChatSFTError("file is empty", source=str(p), field="dataset")
         if p.suffix == ".jsonl":
             _check_jsonl(p)
-    return kinds.pop(), [str(p) for p in files]
+    return kinds.pop(), {name: [str(p) for p in splits[name]] for name in dict.fromkeys(names)}
 
 
 def load_data(
     spec: str, split: str = "train", streaming: bool = False
 ) -> datasets.Dataset | datasets.IterableDataset:
     """A local file or folder, or a hub dataset id (`name` or `name:config`). With `streaming`,
-    rows are read lazily (train with max_steps; chatsft packs them as they arrive)."""
+    rows are read lazily (train with max_steps; chatsft packs them as they arrive). A folder's
+    files are split by their names as datasets does; a single file is the train split."""
     path = Path(os.path.expanduser(spec))
     if path.exists():
-        builder, files = _local_files(path)
+        builder, files = _local_files(path, split)
         try:
+            # Only the requested splits' files: the others are neither read nor converted.
             return datasets.load_dataset(
-                builder, data_files=files, split="train", streaming=streaming
+                builder, data_files=files, split=split, streaming=streaming
             )
         except Exception as err:  # pyarrow schema errors and friends
             raise ChatSFTError(
