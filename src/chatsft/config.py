@@ -9,6 +9,8 @@ from transformers import TrainingArguments
 
 OVERLONG_POLICIES = ("truncate", "drop", "split", "error")
 TRUNCATION_MODES = ("keep_start", "keep_end")
+PACKING_STRATEGIES = ("bfd", "bfd_split")
+LOSS_TYPES = ("nll", "dft")
 
 
 @dataclass
@@ -24,6 +26,13 @@ class SFTConfig(TrainingArguments):
         metadata={
             "help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is a "
             "hub id or path (e.g. {'dtype': 'bfloat16', 'attn_implementation': 'sdpa'})."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run Python code shipped with a hub model or tokenizer (their own modeling "
+            "files). Off by default: only turn it on for repositories you trust."
         },
     )
     chat_template_path: str | None = field(
@@ -135,6 +144,26 @@ class SFTConfig(TrainingArguments):
             "decreasing). Documents never attend to each other and positions restart per document."
         },
     )
+    packing_strategy: str = field(
+        default="bfd",
+        metadata={
+            "help": "How rows are packed (TRL's names): bfd (best-fit decreasing; an example "
+            "longer than max_length follows overlong_policy) | bfd_split (the same, with "
+            "overlong_policy split: long examples become several documents). TRL's 'wrapped' "
+            "(cutting documents at row ends) is not offered: it trains on cut-off documents."
+        },
+    )
+    eval_packing: bool | None = field(
+        default=None,
+        metadata={"help": "Pack the eval set too. None: the same as packing."},
+    )
+    shuffle_dataset: bool = field(
+        default=False,
+        metadata={
+            "help": "Shuffle the training rows (with seed) before preparation and packing, so "
+            "packed rows mix examples from the whole set. Batches are shuffled every epoch anyway."
+        },
+    )
     padding_free: bool | None = field(
         default=None,
         metadata={
@@ -184,6 +213,26 @@ class SFTConfig(TrainingArguments):
             "config) into output_dir. Images need matplotlib: pip install 'chatsft[report]'."
         },
     )
+    loss_type: str = field(
+        default="nll",
+        metadata={
+            "help": "nll: cross-entropy of the trained tokens. dft (Dynamic Fine-Tuning, "
+            "arXiv 2508.05629): each token's cross-entropy weighted by the model's (detached) "
+            "probability of it."
+        },
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Mixture-of-Experts models: weight of the router's load-balancing loss, added "
+            "to the training loss (averaged over gradient-accumulation micro-batches). None: the "
+            "model config's router_aux_loss_coef; 0 turns it off."
+        },
+    )
+    activation_offloading: bool = field(
+        default=False,
+        metadata={"help": "Not offered by chatsft (TRL's field, accepted only as false)."},
+    )
     max_nonfinite_batches: int = field(
         default=0,
         metadata={
@@ -217,6 +266,31 @@ class SFTConfig(TrainingArguments):
                 "--memory 24GiB` (it reads the same file); training needs a number: put the "
                 "per_device_train_batch_size and gradient_accumulation_steps it prints in the config"
             )
+        if self.packing_strategy not in PACKING_STRATEGIES:
+            hint = (
+                " ('wrapped' cuts documents at row ends; chatsft packs whole documents)"
+                if self.packing_strategy == "wrapped"
+                else ""
+            )
+            raise ValueError(
+                f"packing_strategy must be one of {PACKING_STRATEGIES}, got "
+                f"{self.packing_strategy!r}{hint}"
+            )
+        if self.packing_strategy == "bfd_split":
+            if self.overlong_policy not in ("truncate", "split"):
+                raise ValueError(
+                    f"packing_strategy bfd_split splits long examples, but overlong_policy is "
+                    f"{self.overlong_policy!r}: leave one of them out"
+                )
+            self.overlong_policy = "split"
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.activation_offloading:
+            raise ValueError(
+                "activation_offloading is not offered by chatsft: to save activation memory use "
+                "gradient_checkpointing (activation_checkpointing_kwargs: {every_n_layers: N} "
+                "checkpoints only some layers)"
+            )
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(
                 f"max_length must be a positive integer or None, got {self.max_length}"
@@ -229,7 +303,7 @@ class SFTConfig(TrainingArguments):
             raise ValueError(
                 f"overlong_policy must be one of {OVERLONG_POLICIES}, got {self.overlong_policy!r}"
             )
-        if self.packing and self.max_length is None:
+        if (self.packing or self.eval_packing) and self.max_length is None:
             raise ValueError("packing needs max_length: set max_length to the packed row length")
         if self.generation_eval is not None:
             from .generate import check_generation_eval

@@ -28,6 +28,7 @@ from .model.attention import isolates_without_dense_mask, use_document_attention
 from .model.compile import compile_decoder_layers
 from .model.load import apply_peft, load_model, load_tokenizer
 from .model.loss import supervised_loss
+from .model.moe import router_aux_coef
 from .nonfinite import NonFiniteGuard, NonFiniteStep
 
 CONFIG_FILE = "training_config.yaml"
@@ -52,6 +53,32 @@ def as_sft_config(args: TrainingArguments | None) -> SFTConfig:
     return SFTConfig(**values)
 
 
+def model_init_kwargs(
+    args: SFTConfig, model: Any, quantization_config: Any | None
+) -> dict[str, Any] | None:
+    """from_pretrained's keyword arguments: model_init_kwargs, plus TRL's quantization_config
+    argument and trust_remote_code field."""
+    kwargs = dict(args.model_init_kwargs or {})
+    if quantization_config is not None:
+        if not isinstance(model, str):
+            raise ChatSFTError(
+                "quantization_config only applies when model is a hub id or a path",
+                field="quantization_config",
+                hint="quantize the model yourself, or pass it by name",
+            )
+        if "quantization_config" in kwargs:
+            raise ChatSFTError(
+                "quantization_config is set both as an SFTTrainer argument and in "
+                "model_init_kwargs",
+                field="quantization_config",
+                hint="set it in one place",
+            )
+        kwargs["quantization_config"] = quantization_config
+    if args.trust_remote_code and isinstance(model, str):
+        kwargs.setdefault("trust_remote_code", True)
+    return kwargs or None
+
+
 def prep_options(args: SFTConfig, tokenizer: Any) -> PrepOptions:
     return PrepOptions(
         eos_token=tokenizer.eos_token,
@@ -70,7 +97,7 @@ def prep_options(args: SFTConfig, tokenizer: Any) -> PrepOptions:
 def default_collator(args: SFTConfig, model: torch.nn.Module, tokenizer: Any) -> Callable:
     # padding_free=None: padding-free wherever it is strictly better (same loss, no pad compute).
     auto = args.padding_free is None and isolates_without_dense_mask(model)
-    if args.packing or args.padding_free or auto:
+    if args.packing or args.eval_packing or args.padding_free or auto:
         if not isinstance(_base_model(model), PreTrainedModel):
             raise ChatSFTError(
                 "packing and padding_free need a transformers model (documents are separated "
@@ -113,6 +140,7 @@ class SFTTrainer(Trainer):
         optimizers: tuple = (None, None),
         optimizer_cls_and_kwargs: tuple | None = None,
         preprocess_logits_for_metrics: Callable | None = None,
+        quantization_config: Any | None = None,
         peft_config: Any | None = None,
         formatting_func: Callable | None = None,
         tokenizer: Any | None = None,  # TRL's older name for processing_class
@@ -130,8 +158,12 @@ class SFTTrainer(Trainer):
             chat_template_path=args.chat_template_path,
             eos_token=args.eos_token,
             pad_token=args.pad_token,
+            trust_remote_code=args.trust_remote_code,
         )
-        model = apply_peft(load_model(model, args.model_init_kwargs), peft_config)
+        model = apply_peft(
+            load_model(model, model_init_kwargs(args, model, quantization_config)), peft_config
+        )
+        self._aux_coef = router_aux_coef(model, args.router_aux_loss_coef)
         if peft_config is not None:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in model.parameters())
@@ -164,6 +196,8 @@ class SFTTrainer(Trainer):
             num_proc=args.dataset_num_proc,
             column_map=args.column_map,
         )
+        eval_packing = args.packing if args.eval_packing is None else args.eval_packing
+        eval_kwargs = {**prep_kwargs, "packing": eval_packing}
         if train_dataset is not None and not skip_prepare:
             train_dataset = self._prepare(
                 train_dataset, tokenizer, opts, "train", args, prep_kwargs
@@ -172,11 +206,11 @@ class SFTTrainer(Trainer):
             pass
         elif isinstance(eval_dataset, dict):
             eval_dataset = {
-                key: self._prepare(ds, tokenizer, opts, f"eval_{key}", args, prep_kwargs)
+                key: self._prepare(ds, tokenizer, opts, f"eval_{key}", args, eval_kwargs)
                 for key, ds in eval_dataset.items()
             }
         elif eval_dataset is not None:
-            eval_dataset = self._prepare(eval_dataset, tokenizer, opts, "eval", args, prep_kwargs)
+            eval_dataset = self._prepare(eval_dataset, tokenizer, opts, "eval", args, eval_kwargs)
         if data_collator is None:
             data_collator = default_collator(args, model, tokenizer)
             if isinstance(data_collator, PaddingFreeCollator):
@@ -215,12 +249,15 @@ class SFTTrainer(Trainer):
             self.is_fsdp_enabled or self.is_deepspeed_enabled or compute_metrics is not None
         )
         self._sums: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
+        self._aux: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
         self.num_trained_tokens = 0
         self.nonfinite_steps: list[int] = []
         self._nonfinite = NonFiniteGuard()
         self._steps_since_log = 0
 
     def _prepare(self, dataset, tokenizer, opts, name, args, prep_kwargs):
+        if name == "train" and args.shuffle_dataset and hasattr(dataset, "shuffle"):
+            dataset = dataset.shuffle(seed=args.seed)  # before packing: rows mix the whole set
         if isinstance(dataset, (datasets.IterableDataset, torch.utils.data.IterableDataset)):
             if isinstance(dataset, ConstantLengthDataset):
                 return dataset
@@ -285,7 +322,9 @@ class SFTTrainer(Trainer):
         labels = inputs.pop("labels")
         if self._forward_keys is not None:
             inputs = {k: v for k, v in inputs.items() if k in self._forward_keys}
-        parts, outputs = supervised_loss(model, inputs, labels, chunked=self._chunked_loss)
+        parts, outputs = supervised_loss(
+            model, inputs, labels, chunked=self._chunked_loss, dft=self.args.loss_type == "dft"
+        )
         # THE normalisation: sum of token losses / trained tokens of the whole optimizer step.
         # num_items_in_batch counts every micro-batch of the step (and, with
         # average_tokens_across_devices, every rank); DDP then averages gradients over ranks, which
@@ -296,9 +335,16 @@ class SFTTrainer(Trainer):
             loss = parts.loss_sum / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
+        mode = "train" if model.training else "eval"
+        aux = getattr(outputs, "aux_loss", None) if self._aux_coef else None
+        if aux is not None:
+            # A per-micro-batch mean (DDP averages it over ranks): averaged over the step's
+            # micro-batches, so that accumulation leaves its weight unchanged (as TRL does).
+            steps = 1 if num_items_in_batch is None else self.current_gradient_accumulation_steps
+            loss = loss + self._aux_coef * aux / steps
+            self._aux[mode].append(aux.detach().float())
         if model.training and self._guards_nonfinite():
             loss = self._nonfinite.poison(loss)
-        mode = "train" if model.training else "eval"
         self._sums[mode].append(torch.stack([parts.num_tokens, parts.num_correct]).detach())
         return (loss, outputs) if return_outputs else loss
 
@@ -375,6 +421,13 @@ class SFTTrainer(Trainer):
                     logs["loss"] * self._steps_since_log / applied if applied else math.nan
                 )
             self._steps_since_log = 0
+        aux = self._aux["eval" if is_eval else "train"]
+        if aux:
+            mean = torch.stack(aux).mean()
+            if self.accelerator.num_processes > 1:
+                mean = self.accelerator.reduce(mean, reduction="mean")
+            logs["eval_aux_loss" if is_eval else "aux_loss"] = mean.item()
+            aux.clear()
         sums = self._sums["eval" if is_eval else "train"]
         if sums:
             total = torch.stack(sums).sum(0)

@@ -38,7 +38,7 @@ def _addmm_fp32_out_works(device: torch.device) -> bool:
 
 
 def _chunk_loss(
-    logits: torch.Tensor, t: torch.Tensor, need_grad: bool, fused: bool
+    logits: torch.Tensor, t: torch.Tensor, need_grad: bool, fused: bool, dft: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(summed fp32 loss, argmax hits, d loss / d logits in the logits' dtype or None) for one
     chunk of logits [rows, vocab] against targets t [rows, 1].
@@ -46,42 +46,51 @@ def _chunk_loss(
     d(sum CE)/d logits = softmax(logits) - onehot(target). `fused` (for GPUs, where these passes are
     memory-bound) uses the fused log-softmax and softmax kernels: ~20 bytes of memory traffic per
     logit against ~44 for the separate passes. Without it (for CPUs, where exp is the cost) exp runs
-    once per logit, in place."""
+    once per logit, in place. `dft` weights each row's loss, and so its gradient, by the target's
+    probability, held constant (Dynamic Fine-Tuning)."""
     picked = logits.gather(1, t)
     top = logits.amax(dim=-1, keepdim=True)
     correct = (picked >= top).sum()  # the target is (one of) the argmax
     if fused:
         logp_target = torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, t)
+        weight = logp_target.exp() if dft else None
+        loss = -(logp_target * weight).sum() if dft else -logp_target.sum()
         if not need_grad:
-            return -logp_target.sum(), correct, None
+            return loss, correct, None
         probs = torch.softmax(logits, dim=-1)
         # The target entry from the fp32 log-probability, so that it is rounded once.
         probs.scatter_(1, t, (logp_target.exp() - 1.0).to(probs.dtype))
-        return -logp_target.sum(), correct, probs
+        if dft:
+            probs.mul_(weight.to(probs.dtype))
+        return loss, correct, probs
     exps = logits.float().sub_(top.float()).exp_()  # a fresh fp32 block unless already fp32
     total = exps.sum(dim=-1, keepdim=True)
-    loss = (top.float() + total.log() - picked.float()).sum()
+    nll = top.float() + total.log() - picked.float()  # [rows, 1]
+    weight = torch.exp(-nll) if dft else None
+    loss = (nll * weight).sum() if dft else nll.sum()
     if not need_grad:
         return loss, correct, None
     probs = exps.div_(total)
     probs.scatter_add_(1, t, torch.full_like(total, -1.0))
+    if dft:
+        probs.mul_(weight)
     return loss, correct, probs.to(logits.dtype)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, chunk_size, fused):
+    def forward(ctx, hidden, weight, bias, target, chunk_size, fused, dft):
         device = hidden.device.type
         matmul_dtype = torch.float32
         if torch.is_autocast_enabled(device):
             matmul_dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device_type=device, enabled=False):
             return _ChunkedLinearCrossEntropy._forward(
-                ctx, hidden, weight, bias, target, chunk_size, matmul_dtype, fused
+                ctx, hidden, weight, bias, target, chunk_size, matmul_dtype, fused, dft
             )
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, target, chunk_size, matmul_dtype, fused):
+    def _forward(ctx, hidden, weight, bias, target, chunk_size, matmul_dtype, fused, dft):
         n = hidden.shape[0]
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         w = weight.to(matmul_dtype)
@@ -96,7 +105,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_size].to(matmul_dtype)
             t = target[start : start + chunk_size, None]
             logits = h @ w.T if b is None else torch.addmm(b, h, w.T)
-            chunk_loss, chunk_correct, probs = _chunk_loss(logits, t, need_grad, fused)
+            chunk_loss, chunk_correct, probs = _chunk_loss(logits, t, need_grad, fused, dft)
             loss += chunk_loss
             correct += chunk_correct
             if not need_grad:
@@ -129,7 +138,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         gh = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
         gw = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
         gb = grad_bias.mul_(grad_loss) if ctx.has_bias else None
-        return gh, gw, gb, None, None, None
+        return gh, gw, gb, None, None, None, None
 
 
 def chunked_linear_cross_entropy(
@@ -139,10 +148,12 @@ def chunked_linear_cross_entropy(
     target: torch.Tensor,
     chunk_size: int = 4096,
     fused: bool | None = None,
+    dft: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of cross-entropy over rows of `hidden` [n, d] against `target` [n], with the LM head
     `weight` [vocab, d]; returns (loss_sum, number of argmax hits). `fused` picks the per-chunk
-    softmax arithmetic (see `_chunk_loss`); None: fused on CUDA, not elsewhere."""
+    softmax arithmetic (see `_chunk_loss`); None: fused on CUDA, not elsewhere. `dft`: each row's
+    loss weighted by its target's detached probability (loss_type "dft")."""
     if fused is None:
         fused = hidden.device.type == "cuda"
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, target, chunk_size, fused)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, target, chunk_size, fused, dft)

@@ -89,6 +89,7 @@ def load_tokenizer(
     chat_template_path: str | None = None,
     eos_token: str | None = None,
     pad_token: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Any:
     """The given tokenizer, or the model's own; with chatsft's chat template, EOS and pad rules."""
     tokenizer = processing_class
@@ -103,7 +104,7 @@ def load_tokenizer(
         if isinstance(model_arg, str):
             check_model_ref(model_arg)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(src)
+            tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
         except OSError as err:
             raise ChatSFTError(
                 f"could not load the tokenizer: {err}",

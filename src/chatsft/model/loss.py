@@ -37,7 +37,8 @@ class LossParts:
     num_correct: torch.Tensor  # scalar int, greedy predictions equal to the target
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP/accelerate wrappers and a peft wrapper."""
     while True:
         inner = getattr(model, "module", None)  # DDP / accelerate wrappers
         if isinstance(inner, torch.nn.Module):
@@ -49,11 +50,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
+    return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
 
 
 def _passes_kwargs_down(model: torch.nn.Module) -> bool:
-    params = inspect.signature(_unwrap(model).forward).parameters.values()
+    params = inspect.signature(unwrap_model(model).forward).parameters.values()
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
@@ -72,7 +73,7 @@ def _logits(outputs: Any) -> torch.Tensor:
 
 def chunkable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The LM head if the chunked path can replace it exactly, else None."""
-    base = _unwrap(model)
+    base = unwrap_model(model)
     config = getattr(base, "config", None)
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
         return None
@@ -84,7 +85,7 @@ def chunkable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
 
 
 @contextmanager
-def _head_computes_loss(head: torch.nn.Linear, target: torch.Tensor) -> Iterator[None]:
+def _head_computes_loss(head: torch.nn.Linear, target: torch.Tensor, dft: bool) -> Iterator[None]:
     """For one forward, the LM head returns [loss_sum, num_correct] instead of logits.
 
     The loss is computed inside the head's own forward so that DDP and FSDP see the head's weight
@@ -93,7 +94,7 @@ def _head_computes_loss(head: torch.nn.Linear, target: torch.Tensor) -> Iterator
 
     def loss_forward(hidden: torch.Tensor) -> torch.Tensor:
         loss_sum, correct = chunked_linear_cross_entropy(
-            hidden.reshape(-1, head.in_features), head.weight, head.bias, target, chunk
+            hidden.reshape(-1, head.in_features), head.weight, head.bias, target, chunk, dft=dft
         )
         return torch.stack([loss_sum, correct.to(loss_sum.dtype)])
 
@@ -110,7 +111,7 @@ def with_document_boundaries(
     """For a padding-free row under chatsft's document attention: the inputs plus the row's
     document boundaries, read once here, before the forward, rather than inside it."""
     position_ids = inputs.get("position_ids")
-    config = getattr(_unwrap(model), "config", None)
+    config = getattr(unwrap_model(model), "config", None)
     if (
         getattr(config, "_attn_implementation", None) != ATTN_NAME
         or position_ids is None
@@ -143,16 +144,18 @@ def supervised_loss(
     labels: torch.Tensor,
     *,
     chunked: bool = False,
+    dft: bool = False,
 ) -> tuple[LossParts, Any]:
     """Forward the model and return the summed loss over trained tokens, plus the raw outputs
-    (whose `logits` are real logits only with chunked=False)."""
+    (whose `logits` are real logits only with chunked=False). `dft`: each token's cross-entropy
+    weighted by the model's detached probability of it (Dynamic Fine-Tuning)."""
     targets = shift_labels(labels)
     keep = targets != IGNORE_INDEX
     to_keep, target = _trained_positions(keep, targets)
     inputs = with_document_boundaries(model, inputs)
     head = chunkable_head(model) if chunked and accepts_logits_to_keep(model) else None
     if head is not None:
-        with _head_computes_loss(head, target):
+        with _head_computes_loss(head, target, dft):
             outputs = model(**inputs, logits_to_keep=to_keep, use_cache=False)
         loss_sum, correct = _logits(outputs)
         return LossParts(loss_sum, keep.sum(), correct.detach().long()), outputs
@@ -162,7 +165,10 @@ def supervised_loss(
     else:
         outputs = model(**inputs)
         logits = _logits(outputs)[keep]
-    loss_sum = F.cross_entropy(logits.float(), target, reduction="sum")
+    token_loss = F.cross_entropy(logits.float(), target, reduction="none")
+    if dft:
+        token_loss = token_loss * torch.exp(-token_loss.detach())
+    loss_sum = token_loss.sum()
     with torch.no_grad():
         correct = (logits.argmax(dim=-1) == target).sum()
     return LossParts(loss_sum, keep.sum(), correct), outputs
