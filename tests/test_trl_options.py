@@ -175,3 +175,32 @@ def test_quantization_config_and_trust_remote_code_reach_from_pretrained():
     assert model_init_kwargs(SFTConfig(output_dir="o"), "org/model", None) is None
     with pytest.raises(Exception, match="only applies when model is a hub id"):
         model_init_kwargs(args, torch.nn.Linear(2, 2), {"load_in_4bit": True})
+
+
+def test_compute_metrics_gets_logits_aligned_with_the_labels(tmp_path, tokenizer):
+    """TRL's token-accuracy recipe (argmax in preprocess_logits_for_metrics, shift by one in
+    compute_metrics) gives the accuracy chatsft logs itself; training keeps the chunked loss."""
+    seen = {}
+
+    def metrics(ev):
+        preds, labels = ev.predictions[:, :-1], ev.label_ids[:, 1:]
+        mask = labels != -100
+        seen["shapes"] = (ev.predictions.shape, ev.label_ids.shape)
+        return {"acc": float((preds[mask] == labels[mask]).mean())}
+
+    rows = datasets.Dataset.from_list(chats(12))
+    trainer = SFTTrainer(
+        model=make_model(tokenizer),
+        args=config(tmp_path, max_steps=8, learning_rate=1e-2, per_device_eval_batch_size=4),
+        processing_class=tokenizer,
+        train_dataset=rows,
+        eval_dataset=rows,
+        compute_metrics=metrics,
+        preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
+    )
+    assert trainer._chunked_loss
+    trainer.train()
+    result = trainer.evaluate()
+    assert seen["shapes"][0] == seen["shapes"][1]
+    assert result["eval_acc"] > 0
+    assert result["eval_acc"] == pytest.approx(result["eval_mean_token_accuracy"], abs=1e-6)

@@ -243,11 +243,8 @@ class SFTTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self._forward_keys = _forward_keys(model)
-        # Sharded weights (FSDP, ZeRO-3) only exist inside their module's forward, and
-        # compute_metrics needs real logits: both keep the plain path.
-        self._chunked_loss = not (
-            self.is_fsdp_enabled or self.is_deepspeed_enabled or compute_metrics is not None
-        )
+        # Sharded weights (FSDP, ZeRO-3) only exist inside their module's forward: plain path.
+        self._chunked_loss = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         self._sums: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
         self._aux: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
         self.num_trained_tokens = 0
@@ -323,7 +320,13 @@ class SFTTrainer(Trainer):
         if self._forward_keys is not None:
             inputs = {k: v for k, v in inputs.items() if k in self._forward_keys}
         parts, outputs = supervised_loss(
-            model, inputs, labels, chunked=self._chunked_loss, dft=self.args.loss_type == "dft"
+            model,
+            inputs,
+            labels,
+            chunked=self._chunked_loss,
+            dft=self.args.loss_type == "dft",
+            # compute_metrics gets logits aligned with the labels, as with TRL (evaluation only).
+            all_logits=self.compute_metrics is not None and not model.training,
         )
         # THE normalisation: sum of token losses / trained tokens of the whole optimizer step.
         # num_items_in_batch counts every micro-batch of the step (and, with

@@ -145,23 +145,29 @@ def supervised_loss(
     *,
     chunked: bool = False,
     dft: bool = False,
+    all_logits: bool = False,
 ) -> tuple[LossParts, Any]:
     """Forward the model and return the summed loss over trained tokens, plus the raw outputs
     (whose `logits` are real logits only with chunked=False). `dft`: each token's cross-entropy
-    weighted by the model's detached probability of it (Dynamic Fine-Tuning)."""
+    weighted by the model's detached probability of it (Dynamic Fine-Tuning). `all_logits`: the
+    outputs keep logits for every position, aligned with the labels (for compute_metrics)."""
     targets = shift_labels(labels)
     keep = targets != IGNORE_INDEX
     to_keep, target = _trained_positions(keep, targets)
     inputs = with_document_boundaries(model, inputs)
+    chunked = chunked and not all_logits
     head = chunkable_head(model) if chunked and accepts_logits_to_keep(model) else None
     if head is not None:
         with _head_computes_loss(head, target, dft):
             outputs = model(**inputs, logits_to_keep=to_keep, use_cache=False)
         loss_sum, correct = _logits(outputs)
         return LossParts(loss_sum, keep.sum(), correct.detach().long()), outputs
-    if accepts_logits_to_keep(model):
+    if accepts_logits_to_keep(model) and not all_logits:
         outputs = model(**inputs, logits_to_keep=to_keep, use_cache=False)
         logits = _logits(outputs).reshape(-1, _logits(outputs).shape[-1])
+    elif accepts_logits_to_keep(model):
+        outputs = model(**inputs, use_cache=False)
+        logits = _logits(outputs)[keep]
     else:
         outputs = model(**inputs)
         logits = _logits(outputs)[keep]
