@@ -15,6 +15,7 @@ Prints one line per check and exits non-zero if any fails.
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -195,12 +196,42 @@ def check_compiled_layers() -> bool:
     return ok
 
 
+def probe_matmul_host_time() -> None:
+    """Not a check, a measurement: host microseconds per bf16 matmul launch with the workload's
+    layer shapes, when the token count M repeats and when it changes every call (as it does from
+    one padding-free batch to the next). The 2026-11-30 profile had aten::mm at ~113 us of host
+    time per call; if new shapes cost far more than repeated ones, rounding rows up
+    (pad_to_multiple_of) is the fix."""
+    w = torch.randn(4864, 896, device="cuda", dtype=torch.bfloat16)
+    xs = {m: torch.randn(m, 896, device="cuda", dtype=torch.bfloat16) for m in (16000, 16384)}
+    big = torch.randn(16384 + 200 * 7, 896, device="cuda", dtype=torch.bfloat16)
+    for x in xs.values():
+        x @ w.T
+    torch.cuda.synchronize()
+    results = {}
+    for name, inputs in (
+        ("same M", [xs[16000]] * 200),
+        ("new M each call", [big[: 16000 + 7 * i] for i in range(1, 201)]),
+    ):
+        start = time.perf_counter()
+        for x in inputs:
+            x @ w.T
+        host = time.perf_counter() - start
+        torch.cuda.synchronize()
+        results[name] = host / len(inputs) * 1e6
+    print(
+        "probe: host time per bf16 matmul launch "
+        + ", ".join(f"{k}: {v:.1f} us" for k, v in results.items())
+    )
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("error: these checks need a CUDA GPU")
         return 2
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     results = [check_attention(), check_chunked_ce(), check_packed_model(), check_compiled_layers()]
+    probe_matmul_host_time()
     return 0 if all(results) else 1
 
 
