@@ -42,7 +42,8 @@ def test_query_response_with_prompt_template_and_column_map(tokenizer):
         rows, tokenizer, opts, column_map={"question": "query", "answer": "response"}
     )
     assert tokenizer.decode(ds[0]["input_ids"]) == "question : what is two answer : four<|im_end|>"
-    assert trained_text(tokenizer, ds[0]) == ["four<|im_end|>"]
+    # The prompt's trailing space and "four" are one token of the whole text: it is trained.
+    assert trained_text(tokenizer, ds[0]) == [" four<|im_end|>"]
 
 
 def test_query_response_template_with_response_slot(tokenizer):
@@ -52,7 +53,7 @@ def test_query_response_template_with_response_slot(tokenizer):
         prompt_template="query : {query} response : {response}",
     )
     assert tokenizer.decode(ds[0]["input_ids"]) == "query : hi response : yo<|im_end|>"
-    assert trained_text(tokenizer, ds[0]) == ["yo<|im_end|>"]
+    assert trained_text(tokenizer, ds[0]) == [" yo<|im_end|>"]
 
 
 def test_query_response_without_template_is_a_chat(tokenizer):

@@ -30,7 +30,13 @@ from .data.load import load_data, split_eval
 from .data.packing import best_fit_decreasing
 from .data.prepare import prepare_for_training
 from .data.templates import render_chat, render_segments
-from .data.tokenize import PrepOptions, PrepStats, fit_length, special_prefix_ids
+from .data.tokenize import (
+    PrepOptions,
+    PrepStats,
+    fit_length,
+    special_prefix_ids,
+    tokenize_segments,
+)
 from .errors import ChatSFTError
 from .files import write_atomic
 from .model.load import load_tokenizer
@@ -165,7 +171,7 @@ def attributed_tokens(
     example: Any, tokenizer: Any, opts: PrepOptions, prefix_ids: list[int]
 ) -> tuple[list[int], list[bool], list[str]]:
     """Token ids, trained mask and the role of each token, built exactly like preparation builds
-    them (same segments, each tokenized on its own), with character offsets to find the role."""
+    them (tokenize_segments), with character offsets to find the role."""
     if isinstance(example, Tokenized):
         return example.input_ids, example.trained_mask, ["tokens"] * len(example.input_ids)
     segments = render_segments(
@@ -176,23 +182,24 @@ def attributed_tokens(
         completion_only_loss=opts.completion_only_loss,
         last_turn_only=opts.last_turn_only,
     )
-    ends, names = role_spans(example, tokenizer, "".join(t for t, _ in segments))
+    text = "".join(t for t, _ in segments)
+    ends, names = role_spans(example, tokenizer, text)
     plain = isinstance(example, Text) or isinstance(getattr(example, "prompt", None), str)
     ids = list(prefix_ids) if plain else []
     mask = [False] * len(ids)
     roles = [names[0]] * len(ids)
-    enc = tokenizer([t for t, _ in segments], add_special_tokens=False, return_offsets_mapping=True)
-    base = 0
-    for (text, trained), seg_ids, offsets in zip(segments, enc["input_ids"], enc["offset_mapping"]):
-        for token, (start, end) in zip(seg_ids, offsets):
-            if end > start:
-                role = names[min(bisect.bisect_right(ends, base + start), len(names) - 1)]
-            else:  # a token with no characters of its own (trimmed offsets) joins its neighbour
-                role = roles[-1] if roles else names[0]
-            ids.append(token)
-            mask.append(trained)
-            roles.append(role)
-        base += len(text)
+    [(text_ids, text_mask)] = tokenize_segments(tokenizer, [segments])
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+        "offset_mapping"
+    ]
+    for token, trained, (start, end) in zip(text_ids, text_mask, offsets):
+        if end > start:
+            role = names[min(bisect.bisect_right(ends, start), len(names) - 1)]
+        else:  # a token with no characters of its own (trimmed offsets) joins its neighbour
+            role = roles[-1] if roles else names[0]
+        ids.append(token)
+        mask.append(trained)
+        roles.append(role)
     return ids, mask, roles
 
 

@@ -6,8 +6,11 @@ cache: a second run over the same files with the same settings reuses the result
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import gc
+import itertools
+import operator
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,7 +22,7 @@ from datasets.fingerprint import generate_random_fingerprint, get_temporary_cach
 
 from ..errors import ChatSFTError
 from .formats import Text, Tokenized, apply_formatting_func, detect_format, normalize
-from .templates import render_segments
+from .templates import Segment, render_segments
 
 OVERLONG_POLICIES = ("truncate", "drop", "split", "error")
 DROP_TOO_LONG = "longer than max_length"
@@ -108,6 +111,134 @@ def encode_segments(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
+Span = tuple[int, int]  # [start, end) in characters
+
+
+def _encode_with_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[Span]]]:
+    """Token ids of each text, without special tokens added, with each token's character span."""
+    backend = _plain_backend(tokenizer)
+    if backend is not None:
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"]))
+
+
+def _joined(segments: list[Segment]) -> tuple[str, list[Span]]:
+    """The segments' text and its trained character spans (adjacent ones merged, empty ones gone)."""
+    spans: list[Span] = []
+    pos = 0
+    for text, trained in segments:
+        end = pos + len(text)
+        if trained and end > pos:
+            if spans and spans[-1][1] == pos:
+                spans[-1] = (spans[-1][0], end)
+            else:
+                spans.append((pos, end))
+        pos = end
+    return "".join(t for t, _ in segments), spans
+
+
+def token_mask(offsets: list[Span], spans: list[Span]) -> list[bool]:
+    """Which tokens are trained: those covering at least one trained character.
+
+    A token that straddles a boundary is trained, at either end of a trained span: the model cannot
+    produce the trained characters without producing that token (a completion "four" after a
+    prompt ending in a space becomes the one token " four", and is trained like the completion's
+    first token is when it stands alone). A token with no characters of its own (offsets trimmed
+    to nothing) counts as covering the character right after it: whitespace before a reply is
+    trained with the reply, whitespace after an end-of-turn token is not. `spans` are sorted and
+    disjoint.
+    """
+    starts = list(map(operator.itemgetter(0), offsets))
+    ends = list(map(operator.itemgetter(1), offsets))
+    if not (_ascending(starts) and _ascending(ends)):
+        return _token_mask_unordered(offsets, spans)
+    # Ordered offsets: each span's tokens are one run, found by bisection; no loop over tokens.
+    mask = [False] * len(offsets)
+    for a, b in spans:
+        first = bisect.bisect_right(ends, a)  # the first token ending after a
+        while first and starts[first - 1] == ends[first - 1] == a:
+            first -= 1  # tokens with no characters, at a: they cover the character at a
+        last = bisect.bisect_left(starts, b)  # the first token starting at or after b
+        mask[first:last] = [True] * (last - first)
+    return mask
+
+
+def _ascending(values: list[int]) -> bool:
+    return all(map(operator.le, values, itertools.islice(values, 1, None)))
+
+
+def _token_mask_unordered(offsets: list[Span], spans: list[Span]) -> list[bool]:
+    """token_mask, one token at a time, for offsets out of order (some normalizers)."""
+    starts = [a for a, _ in spans]
+    ends = [b for _, b in spans]
+    mask = []
+    for start, end in offsets:
+        i = bisect.bisect_right(ends, start)  # the first trained span ending after `start`
+        mask.append(i < len(spans) and starts[i] < max(end, start + 1))
+    return mask
+
+
+def tokenize_segments(
+    tokenizer: Any, examples: list[list[Segment]], rows: list[int] | None = None
+) -> list[tuple[list[int], list[bool]]]:
+    """Each example's (input_ids, trained_mask): its segments joined and tokenized once, without
+    special tokens added, so the ids are exactly those inference sees for the rendered text.
+
+    Tokenizing each segment on its own would not give them: SentencePiece-style tokenizers
+    (Llama-2, Mistral) start every separately tokenized string with a word marker, and BPE merges
+    across a boundary are lost. The mask comes from the tokens' character offsets (token_mask).
+    `rows` (1-based row numbers, for errors) defaults to the positions in `examples`.
+    """
+    joined = [_joined(segs) for segs in examples]
+    out: list[tuple[list[int], list[bool]]] = [([], [])] * len(examples)
+    # Examples trained everywhere or nowhere need no offsets: the faster call, one mask value.
+    uniform, mixed = [], []
+    for k, (text, spans) in enumerate(joined):
+        (uniform if spans in ([], [(0, len(text))]) else mixed).append(k)
+    if uniform:
+        for k, ids in zip(uniform, encode_segments(tokenizer, [joined[k][0] for k in uniform])):
+            out[k] = (ids, [bool(joined[k][1])] * len(ids))
+    if mixed and getattr(tokenizer, "is_fast", False):
+        encoded = _encode_with_offsets(tokenizer, [joined[k][0] for k in mixed])
+        for k, (ids, offsets) in zip(mixed, encoded):
+            out[k] = (list(ids), token_mask(offsets, joined[k][1]))
+    elif mixed:
+        chosen = [examples[k] for k in mixed]
+        row_numbers = [rows[k] if rows else k + 1 for k in mixed]
+        for k, result in zip(mixed, _segmentwise_if_exact(tokenizer, chosen, row_numbers)):
+            out[k] = result
+    return out
+
+
+def _segmentwise_if_exact(
+    tokenizer: Any, examples: list[list[Segment]], rows: list[int]
+) -> list[tuple[list[int], list[bool]]]:
+    """For tokenizers without character offsets (slow, Python ones): each segment tokenized on its
+    own, used only where the pieces join into exactly the ids of the whole text; an error
+    otherwise, never a silently different token sequence."""
+    whole = encode_segments(tokenizer, ["".join(t for t, _ in segs) for segs in examples])
+    pieces = iter(encode_segments(tokenizer, [t for segs in examples for t, _ in segs]))
+    out = []
+    for segs, expected, row in zip(examples, whole, rows):
+        ids: list[int] = []
+        mask: list[bool] = []
+        for (_, trained), piece in zip(segs, pieces):
+            ids += piece
+            mask += [trained] * len(piece)
+        if ids != list(expected):
+            raise ChatSFTError(
+                "this tokenizer gives no character offsets (it is not a fast tokenizer) and "
+                "tokenizing the trained and untrained parts of this example separately gives other "
+                "tokens than tokenizing its text whole, so the trained tokens cannot be located",
+                row=row,
+                hint="load the fast tokenizer (AutoTokenizer with use_fast=True), or train on "
+                "every token (assistant_only_loss=False, completion_only_loss=False)",
+            )
+        out.append((ids, mask))
+    return out
+
+
 def fit_length(
     ids: list[int], mask: list[bool], max_length: int | None, policy: str, mode: str
 ) -> tuple[list[tuple[list[int], list[bool]]], str]:
@@ -149,7 +280,7 @@ def _tokenize_batch(
     names = list(batch)
     n = len(indices)
     text_field = "text" if formatting_func is not None else opts.dataset_text_field
-    all_segments: list[tuple[str, bool]] = []
+    rendered: list[list[Segment]] = []
     owners: list[int] = []
     ids_out: list[list[int]] = []
     mask_out: list[list[bool]] = []
@@ -180,14 +311,18 @@ def _tokenize_batch(
         plain = isinstance(example, Text) or isinstance(getattr(example, "prompt", None), str)
         ids_out.append(list(prefix_ids) if plain else [])
         mask_out.append([False] * len(ids_out[-1]))
-        all_segments += segs
-        owners += [j] * len(segs)
-    if all_segments:
-        # One tokenizer call for every segment of the batch: the Rust tokenizer parallelises it.
-        seg_ids = encode_segments(tokenizer, [t for t, _ in all_segments])
-        for (_, trained), owner, ids in zip(all_segments, owners, seg_ids):
+        rendered.append(segs)
+        owners.append(j)
+    if rendered:
+        # Batched tokenizer calls for the whole batch: the Rust tokenizer parallelises them.
+        row_numbers = [indices[j] + 1 for j in owners]
+        try:
+            tokenized = tokenize_segments(tokenizer, rendered, row_numbers)
+        except ChatSFTError as err:
+            raise (err.with_source(source) if source else err) from None
+        for owner, (ids, mask) in zip(owners, tokenized):
             ids_out[owner] += ids
-            mask_out[owner] += [trained] * len(ids)
+            mask_out[owner] += mask
     out: dict[str, list] = {k: [] for k in ("input_ids", "trained_mask", *BOOKKEEPING)}
     for row_index, ids, mask in zip(indices, ids_out, mask_out):
         rows, why = fit_length(
