@@ -83,6 +83,17 @@ for _name in ("chatsft-packing-compile", "trl-packing-nogc"):
         CONFIGS[_name][0],
         {**CONFIGS[_name][1], "dataloader_num_workers": 2},
     )
+# Liger kernels (GPU only, Triton; the liger-kernel wheel must be installed) through transformers'
+# own `use_liger_kernel`: RMSNorm, SwiGLU and RoPE kernels. Their cross-entropy kernels stay off:
+# chatsft's chunked loss already never materialises the logits, and TRL 1.16 turns its fused one
+# off itself. Measures whether liger helps either framework on this workload (issue #4: an
+# optional extra only if it measurably helps).
+_LIGER = {
+    "use_liger_kernel": True,
+    "liger_kernel_config": {"fused_linear_cross_entropy": False, "cross_entropy": False},
+}
+for _name in ("chatsft-packing", "trl-packing-nogc"):
+    CONFIGS[f"{_name}-liger"] = (CONFIGS[_name][0], {**CONFIGS[_name][1], **_LIGER})
 # CUDA graphs (torch.compile mode "reduce-overhead") for the compiled layer regions, with every
 # padding-free row padded to the same 16,384 tokens (a filler document) so that their shapes are
 # static: one graph replay instead of one launch per kernel. The varlen attention is kept out of
