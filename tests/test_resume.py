@@ -32,6 +32,11 @@ def _losses(folder: Path) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
 
+def _tokens(folder: Path) -> dict[int, int]:
+    state = json.loads((folder / "trainer_state.json").read_text())
+    return {h["step"]: h["num_trained_tokens"] for h in state["log_history"] if "loss" in h}
+
+
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, model_dir):
     data = write_jsonl(tmp_path / "d.jsonl", chats(64, seed=4))
     common = [
@@ -85,6 +90,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, model_dir):
     for name in a:
         assert (a[name] == b[name]).all(), name  # bitwise
     assert _losses(full / "checkpoint-16") == _losses(cut / "checkpoint-16")
+    assert _tokens(full / "checkpoint-16") == _tokens(cut / "checkpoint-16")  # counted on
 
 
 def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, model_dir, monkeypatch):

@@ -1455,7 +1455,7 @@ def add_estimate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, help="LoRA rank (0: full fine-tune)")
     p.add_argument(
         "--lora-target-modules",
-        help="comma-separated module names, or all-linear (default: peft's choice for the model)",
+        help="comma-separated module names, or all-linear (the default, as in `chatsft train`)",
     )
     p.add_argument("--save-total-limit", type=int)
     p.add_argument("--save-only-model", action="store_true", default=None)

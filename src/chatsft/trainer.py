@@ -443,6 +443,15 @@ class SFTTrainer(Trainer):
                 prefix = next((k[: -len("loss")] for k in logs if k.endswith("_loss")), "eval_")
                 logs[f"{prefix}mean_token_accuracy"] = accuracy
             else:
+                if not self.num_trained_tokens:  # after --resume: continue the logged count
+                    self.num_trained_tokens = next(
+                        (
+                            e["num_trained_tokens"]
+                            for e in reversed(self.state.log_history)
+                            if "num_trained_tokens" in e
+                        ),
+                        0,
+                    )
                 self.num_trained_tokens += tokens
                 logs["num_trained_tokens"] = self.num_trained_tokens
                 logs["mean_token_accuracy"] = accuracy
