@@ -319,3 +319,18 @@ def test_torch_compile_gives_the_same_losses(tmp_path, tokenizer):
     # Padding-free rows: the attention is inside each layer's graph, not a break in it.
     assert not torch._dynamo.utils.counters["graph_break"]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_nonfinite_flags_are_read_early_when_the_run_rarely_logs(monkeypatch):
+    from chatsft import nonfinite
+
+    monkeypatch.setattr(nonfinite, "MAX_PENDING", 2)
+    guard = nonfinite.NonFiniteGuard()
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    for step, value in enumerate([float("nan"), 1.0, 2.0], start=1):
+        guard.poison(torch.tensor(value))
+        guard.before_step(step, torch.tensor(value), optimizer)
+    assert len(guard._pending) == 1  # the first two were read already
+    found = guard.read()
+    assert [(s.step, s.what) for s in found] == [(1, "loss")] and math.isnan(found[0].value)
+    assert guard.read() == [] and guard._pending == []

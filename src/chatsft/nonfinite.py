@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 _INSTALLED = "_chatsft_nonfinite_guard"
+MAX_PENDING = 1000  # steps whose flags wait on the device for the next read
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,6 @@ class NonFiniteStep:
     value: float
 
 
-def _is_finite(x: torch.Tensor) -> torch.Tensor:
-    return torch.isfinite(x).all()
-
-
 class NonFiniteGuard:
     """Per optimizer step: `poison` each micro-batch loss, `before_step` right before
     `optimizer.step()`, `read` when the host syncs anyway."""
@@ -42,6 +39,7 @@ class NonFiniteGuard:
     def __init__(self) -> None:
         self._losses: list[torch.Tensor] = []  # this step's micro-batch losses, detached
         self._pending: list[tuple[int, torch.Tensor]] = []  # (step, [norm, loss bad, loss])
+        self._found: list[NonFiniteStep] = []  # read early, not yet reported
         self._skip_on_host = False
 
     def install(self, optimizer: torch.optim.Optimizer) -> None:
@@ -87,6 +85,8 @@ class NonFiniteGuard:
         first_bad = losses.gather(0, bad_loss.int().argmax().reshape(1))[0]  # no host read
         summary = torch.stack([norm, bad_loss.any().float(), first_bad.to(norm.dtype)])
         self._pending.append((step, summary))
+        if len(self._pending) >= MAX_PENDING:  # a run that rarely logs: bound what is held
+            self._found += self._read_pending()
         skip = ~torch.isfinite(norm)
         if getattr(optimizer, "_step_supports_amp_scaling", False):
             optimizer.found_inf = skip.float()
@@ -95,6 +95,10 @@ class NonFiniteGuard:
 
     def read(self) -> list[NonFiniteStep]:
         """The non-finite steps since the last read (one host sync, none if nothing is pending)."""
+        found, self._found = self._found + self._read_pending(), []
+        return found
+
+    def _read_pending(self) -> list[NonFiniteStep]:
         if not self._pending:
             return []
         steps = [s for s, _ in self._pending]
