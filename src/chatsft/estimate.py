@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .errors import ChatSFTError
+from .model.load import TRAINING_DTYPE
 
 GiB = 2**30
 # chatsft's chunked loss projects CHUNK_ELEMENTS fp32 logits at a time (model/loss.py).
@@ -227,10 +228,13 @@ def load_model_config(model: Any) -> tuple[Any, str, str | None]:
 
 
 def _resolve_dtype(dtype: Any, config: Any, folder: str | None) -> torch.dtype:
-    """Mirror from_pretrained: dtype="auto" (transformers 5's default) means the config's dtype."""
+    """Mirror the trainer's loading: no dtype means float32 (TRL's default for training), "auto"
+    the config's dtype (from_pretrained's rule)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in (None, "auto"):
+    if dtype is None:
+        dtype = TRAINING_DTYPE
+    if dtype == "auto":
         found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         if found is None and folder is not None:
             found = _safetensors_first_dtype(folder)
@@ -904,7 +908,7 @@ def estimate(
     batch_size: int = 8,
     gradient_accumulation_steps: int = 1,
     packing: bool = False,
-    dtype: str | torch.dtype | None = "auto",
+    dtype: str | torch.dtype | None = None,
     bf16: bool = False,
     fp16: bool = False,
     optimizer: str = "adamw_torch_fused",
@@ -923,8 +927,8 @@ def estimate(
     """Predict per-device peak memory and checkpoint sizes for a chatsft training run.
 
     `model`: a folder with config.json, a hub id (needs the network or the hub cache) or a
-    transformers config. `dtype`: the weights' dtype as loaded ("auto" = the config's, like
-    from_pretrained); `bf16`/`fp16`: mixed precision (autocast) as in SFTConfig. `lora`: a rank, a
+    transformers config. `dtype`: the weights' dtype as loaded (None: float32, as the trainer
+    loads them; "auto": the config's, like from_pretrained); `bf16`/`fp16`: mixed precision (autocast) as in SFTConfig. `lora`: a rank, a
     dict of LoraConfig fields or a peft config (`peft_config` is the same, by TRL's name); a rank
     takes chatsft's YAML defaults (alpha 2r, dropout 0.05, all linear layers). `device`: "cuda" or
     "cpu", where the run trains (default: CUDA if this machine has it). `every_n_layers`: with
@@ -1442,7 +1446,11 @@ def add_estimate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--optimizer", choices=OPTIMIZERS, help="Trainer optim name (default adamw_torch_fused)"
     )
-    p.add_argument("--dtype", help="weight dtype as loaded: auto (the config's), float32, bfloat16")
+    p.add_argument(
+        "--dtype",
+        help="weight dtype as loaded: float32 (default, as training loads), bfloat16, float16, auto "
+        "(the config's)",
+    )
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")
     p.add_argument("--fp16", action="store_true", default=None, help="fp16 mixed precision")
     p.add_argument("--packing", action="store_true", default=None)

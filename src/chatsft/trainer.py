@@ -19,14 +19,20 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from .config import SFTConfig
 from .data.collate import PaddedCollator, PaddingFreeCollator
-from .data.prepare import prepare_for_training
+from .data.prepare import is_prepared, prepare_for_training
 from .data.streaming import ConstantLengthDataset
 from .data.tokenize import PrepOptions
 from .errors import ChatSFTError
 from .generate import generation_eval_callback_from_config
 from .model.attention import isolates_without_dense_mask, use_document_attention
 from .model.compile import compile_decoder_layers
-from .model.load import apply_peft, load_model, load_tokenizer
+from .model.load import (
+    apply_peft,
+    half_precision_cost,
+    load_model,
+    load_tokenizer,
+    training_init_kwargs,
+)
 from .model.loss import supervised_loss
 from .model.moe import router_aux_coef
 from .nonfinite import NonFiniteGuard, NonFiniteStep
@@ -41,6 +47,58 @@ PREPARED_COLUMNS = (
     "attention_mask",
     "position_ids",
 )
+
+
+# Tags written to the model card. "sft" is what TRL-based tooling and hub filters look for; a model
+# trained by chatsft does not claim TRL's own "trl" tag.
+MODEL_TAGS = ["chatsft", "sft"]
+
+
+def check_train_dataset(train_dataset: Any) -> None:
+    """TRL's errors (same types and wording) for a missing or unsupported train_dataset."""
+    if train_dataset is None:
+        raise ValueError("`train_dataset` is required")
+    if not isinstance(
+        train_dataset,
+        (datasets.Dataset, datasets.IterableDataset, torch.utils.data.Dataset),
+    ) or isinstance(train_dataset, dict):
+        raise TypeError(
+            f"`train_dataset` must be a `Dataset` or `IterableDataset`, got "
+            f"`{type(train_dataset).__name__}`; for a DatasetDict pass one split, e.g. "
+            "dataset['train']"
+        )
+
+
+def check_no_transform(dataset: Any, name: str) -> None:
+    """Preparation reads rows through Dataset.with_transform and would bake a random transform's
+    one draw into the tokenized data; TRL refuses this too."""
+    if isinstance(dataset, datasets.Dataset) and dataset.format.get("type") == "custom":
+        raise ChatSFTError(
+            f"the {name} dataset has a transform (Dataset.with_transform / set_transform); "
+            "preparation would tokenize one fixed draw of it",
+            field="train_dataset" if name == "train" else "eval_dataset",
+            hint="apply deterministic transforms with Dataset.map first, or pass "
+            "dataset_kwargs={'skip_prepare_dataset': True} with a transform that returns "
+            "tokenized rows and your own data_collator",
+        )
+
+
+def check_labels_present(named: dict[str, Any]) -> None:
+    """With skip_prepare_dataset nothing turns mask columns into labels: a dataset carrying masks
+    but no labels would silently train on every token."""
+    for name, dataset in named.items():
+        sets = dataset.values() if isinstance(dataset, dict) else [dataset]
+        for ds in sets:
+            cols = set(getattr(ds, "column_names", None) or [])
+            if "labels" not in cols and cols & {"completion_mask", "assistant_masks"}:
+                raise ChatSFTError(
+                    f"the {name} dataset has mask columns but no 'labels', and "
+                    "skip_prepare_dataset=True skips building labels, so it would train on every "
+                    "token",
+                    field="dataset_kwargs",
+                    hint="Add a 'labels' column (-100 for tokens not trained) or drop "
+                    "skip_prepare_dataset",
+                )
 
 
 def as_sft_config(args: TrainingArguments | None) -> SFTConfig:
@@ -59,6 +117,8 @@ def model_init_kwargs(
     """from_pretrained's keyword arguments: model_init_kwargs, plus TRL's quantization_config
     argument and trust_remote_code field."""
     kwargs = dict(args.model_init_kwargs or {})
+    if isinstance(model, str):
+        kwargs = training_init_kwargs(kwargs)
     if quantization_config is not None:
         if not isinstance(model, str):
             raise ChatSFTError(
@@ -146,6 +206,7 @@ class SFTTrainer(Trainer):
         tokenizer: Any | None = None,  # TRL's older name for processing_class
     ) -> None:
         args = as_sft_config(args)
+        check_train_dataset(train_dataset)
         if args.model_init_kwargs and not isinstance(model, str):
             raise ChatSFTError(
                 "model_init_kwargs only apply when model is a hub id or a path",
@@ -164,6 +225,15 @@ class SFTTrainer(Trainer):
             load_model(model, model_init_kwargs(args, model, quantization_config)), peft_config
         )
         self._aux_coef = router_aux_coef(model, args.router_aux_loss_coef)
+        self.aux_loss_enabled = bool(self._aux_coef)  # TRL's attribute name
+        if hasattr(model, "add_model_tags"):  # into the model card on save / push_to_hub
+            model.add_model_tags(MODEL_TAGS)
+        self._say(
+            args,
+            half_precision_cost(
+                model, str(getattr(args.optim, "value", args.optim)), args.learning_rate
+            ),
+        )
         if peft_config is not None:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in model.parameters())
@@ -181,6 +251,8 @@ class SFTTrainer(Trainer):
                 field="dataset_kwargs",
                 hint="pass data_collator, or let chatsft prepare the data",
             )
+        self._skip_prepare = skip_prepare
+        self._formatting_func = formatting_func
         opts = prep_options(args, tokenizer)
         if args.training_report:
             from .report import TrainingReportCallback
@@ -197,20 +269,14 @@ class SFTTrainer(Trainer):
             column_map=args.column_map,
         )
         eval_packing = args.packing if args.eval_packing is None else args.eval_packing
-        eval_kwargs = {**prep_kwargs, "packing": eval_packing}
-        if train_dataset is not None and not skip_prepare:
+        self._eval_prep = (tokenizer, opts, {**prep_kwargs, "packing": eval_packing})
+        if skip_prepare:
+            check_labels_present({"train": train_dataset, "eval": eval_dataset})
+        else:
             train_dataset = self._prepare(
                 train_dataset, tokenizer, opts, "train", args, prep_kwargs
             )
-        if skip_prepare:
-            pass
-        elif isinstance(eval_dataset, dict):
-            eval_dataset = {
-                key: self._prepare(ds, tokenizer, opts, f"eval_{key}", args, eval_kwargs)
-                for key, ds in eval_dataset.items()
-            }
-        elif eval_dataset is not None:
-            eval_dataset = self._prepare(eval_dataset, tokenizer, opts, "eval", args, eval_kwargs)
+            eval_dataset = self._prepare_eval(eval_dataset, args)
         if data_collator is None:
             data_collator = default_collator(args, model, tokenizer)
             if isinstance(data_collator, PaddingFreeCollator):
@@ -252,7 +318,41 @@ class SFTTrainer(Trainer):
         self._nonfinite = NonFiniteGuard()
         self._steps_since_log = 0
 
+    def _prepare_eval(self, eval_dataset: Any, args: SFTConfig) -> Any:
+        """A raw eval set (Dataset, IterableDataset, DatasetDict or dict of them) prepared as the
+        training data is; a prepared one as it is."""
+        tokenizer, opts, kwargs = self._eval_prep
+        if isinstance(eval_dataset, dict):
+            return {
+                key: self._prepare(ds, tokenizer, opts, f"eval_{key}", args, kwargs)
+                for key, ds in eval_dataset.items()
+            }
+        if eval_dataset is None:
+            return None
+        return self._prepare(eval_dataset, tokenizer, opts, "eval", args, kwargs)
+
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        # A dataset passed here (a held-out test set) is prepared like the one given at init; a str
+        # names one of the eval sets prepared at init.
+        if isinstance(eval_dataset, str) or eval_dataset is None:
+            pass
+        elif self._skip_prepare:
+            check_labels_present({"eval": eval_dataset})
+        else:
+            eval_dataset = self._prepare_eval(eval_dataset, self.args)
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
     def _prepare(self, dataset, tokenizer, opts, name, args, prep_kwargs):
+        if is_prepared(dataset) and (
+            not prep_kwargs["packing"] or "seq_lengths" in dataset.column_names
+        ):
+            return dataset  # ready for the collator (evaluate() re-enters with prepared sets)
+        check_no_transform(dataset, name)
         if name == "train" and args.shuffle_dataset and hasattr(dataset, "shuffle"):
             dataset = dataset.shuffle(seed=args.seed)  # before packing: rows mix the whole set
         if isinstance(dataset, (datasets.IterableDataset, torch.utils.data.IterableDataset)):

@@ -10,6 +10,42 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..errors import ChatSFTError
 
+# Weights for training load in float32 unless model_init_kwargs name a dtype, as TRL does: a hub
+# model saved in bf16 would otherwise train bf16 weights, where AdamW updates at lr 2e-5 round away.
+# "auto" keeps from_pretrained's rule (the dtype saved in the config).
+TRAINING_DTYPE = "float32"
+
+
+def training_init_kwargs(init_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """from_pretrained's keyword arguments for a model to train: the given ones, dtype defaulting
+    to float32 (TRL's default; transformers 5 would take the config's dtype)."""
+    kwargs = dict(init_kwargs or {})
+    if kwargs.get("dtype", kwargs.get("torch_dtype")) is None:
+        kwargs.pop("torch_dtype", None)
+        kwargs["dtype"] = TRAINING_DTYPE
+    return kwargs
+
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+# Optimizers that keep their own float32 copy of half-precision weights, or quantise their state.
+MASTER_WEIGHT_OPTIMIZERS = ("8bit", "4bit", "bnb", "apollo", "galore", "lomo")
+
+
+def half_precision_cost(model: torch.nn.Module, optim: str, learning_rate: float) -> str | None:
+    """A log line when trainable weights are bf16/fp16 under a plain optimizer: updates smaller than
+    a weight's rounding step are lost, so a run can look healthy while weights barely move."""
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    half = sorted(str(d).replace("torch.", "") for d in dtypes & set(HALF_DTYPES))
+    if not half or any(key in optim for key in MASTER_WEIGHT_OPTIMIZERS):
+        return None
+    bits = 8 if torch.bfloat16 in dtypes else 11  # mantissa bits: a step below 2^-bits rounds away
+    return (
+        f"trainable weights are {'/'.join(half)} and {optim} updates them in place: a change "
+        f"smaller than 1/{2**bits} of a weight is rounded away (at learning_rate {learning_rate:g} "
+        "most updates are), so weights may not change. For float32 weights with fast half "
+        "compute, load float32 (the default; drop dtype from model_init_kwargs) and set bf16: true"
+    )
+
 
 def load_model(
     model: str | torch.nn.Module, init_kwargs: dict[str, Any] | None = None

@@ -1,0 +1,177 @@
+"""Where TRL 1.16 users rely on a behaviour, chatsft behaves the same: dtype default, evaluation on raw
+sets, errors, tags, MoE attributes."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+from conftest import chats, make_model
+
+from chatsft import ChatSFTError, SFTConfig, SFTTrainer
+
+
+def config(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        max_length=64,
+        training_report=False,
+    )
+    return SFTConfig(**{**base, **kw})
+
+
+@pytest.fixture()
+def bf16_model_dir(tmp_path, tokenizer):
+    """A model saved in bfloat16, as most hub checkpoints are (Qwen2.5, Llama 3, ...)."""
+    path = tmp_path / "bf16-model"
+    make_model(tokenizer).to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_a_model_saved_in_bf16_trains_in_fp32_and_every_weight_moves(tmp_path, bf16_model_dir):
+    trainer = SFTTrainer(
+        model=bf16_model_dir,
+        args=config(tmp_path),  # lr 2e-5: bf16 weights would round most updates away
+        train_dataset=datasets.Dataset.from_list(chats(8)),
+    )
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    for name, p in trainer.model.named_parameters():
+        assert not torch.equal(before[name], p.detach()), f"{name} has not changed"
+
+
+def test_bf16_weights_on_request_and_the_log_says_what_it_costs(tmp_path, bf16_model_dir, capsys):
+    trainer = SFTTrainer(
+        model=bf16_model_dir,
+        args=config(tmp_path, model_init_kwargs={"dtype": "bfloat16"}),
+        train_dataset=datasets.Dataset.from_list(chats(8)),
+    )
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
+    out = capsys.readouterr().out
+    assert "trainable weights are bfloat16" in out and "1/256" in out
+    # "auto" keeps from_pretrained's rule: the dtype the model was saved in.
+    trainer = SFTTrainer(
+        model=bf16_model_dir,
+        args=config(tmp_path, model_init_kwargs={"dtype": "auto"}),
+        train_dataset=datasets.Dataset.from_list(chats(8)),
+    )
+    assert next(trainer.model.parameters()).dtype == torch.bfloat16
+
+
+def test_fp32_weights_log_no_precision_warning(tmp_path, model_dir, capsys):
+    SFTTrainer(
+        model=model_dir, args=config(tmp_path), train_dataset=datasets.Dataset.from_list(chats(4))
+    )
+    assert "trainable weights are" not in capsys.readouterr().out
+
+
+def test_estimate_assumes_the_same_fp32_default(bf16_model_dir):
+    from chatsft import estimate
+
+    assert estimate(bf16_model_dir, max_length=32, batch_size=1).settings["dtype"] == "float32"
+    auto = estimate(bf16_model_dir, max_length=32, batch_size=1, dtype="auto")
+    assert auto.settings["dtype"] == "bfloat16"
+
+
+def _eval_set(kind: str):
+    rows = [{"text": "the cat sat on a mat"}, {"text": "what is two plus three"}] * 3
+    plain = datasets.Dataset.from_list(rows)
+    if "iterable" in kind:
+        plain = plain.to_iterable_dataset()
+    if kind in ("dataset", "iterable_dataset"):
+        return plain
+    if kind.endswith("dataset_dict"):
+        cls = datasets.IterableDatasetDict if "iterable" in kind else datasets.DatasetDict
+        return cls({"data1": plain, "data2": plain})
+    return {"data1": plain, "data2": plain}
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "dataset",
+        "iterable_dataset",
+        "dataset_dict",
+        "iterable_dataset_dict",
+        "dict_of_dataset",
+        "dict_of_iterable_dataset",
+    ],
+)
+def test_evaluate_prepares_a_raw_eval_set_of_every_kind(tmp_path, model_dir, kind):
+    trainer = SFTTrainer(
+        model=model_dir,
+        args=config(tmp_path),
+        train_dataset=datasets.Dataset.from_list(chats(8)),
+    )
+    metrics = trainer.evaluate(eval_dataset=_eval_set(kind))
+    if kind in ("dataset", "iterable_dataset"):
+        assert metrics["eval_loss"] > 0
+    else:
+        assert metrics["eval_data1_loss"] > 0 and metrics["eval_data2_loss"] > 0
+        assert metrics["eval_data1_loss"] == pytest.approx(metrics["eval_data2_loss"])
+
+
+def test_evaluate_on_a_raw_set_equals_evaluate_on_it_given_at_init(tmp_path, model_dir):
+    rows = datasets.Dataset.from_list(chats(6, seed=3))
+    trainer = SFTTrainer(
+        model=model_dir,
+        args=config(tmp_path, packing=True),
+        train_dataset=datasets.Dataset.from_list(chats(8)),
+        eval_dataset={"held": rows},
+    )
+    at_init = trainer.evaluate()["eval_held_loss"]
+    # A second evaluate over the prepared dict must not pack its packed rows again.
+    assert trainer.evaluate()["eval_held_loss"] == pytest.approx(at_init)
+    assert trainer.evaluate(eval_dataset=rows)["eval_loss"] == pytest.approx(at_init)
+
+
+def test_train_dataset_is_required_and_must_be_one_split(tmp_path, model_dir):
+    with pytest.raises(ValueError, match="`train_dataset` is required"):
+        SFTTrainer(model=model_dir, args=config(tmp_path))
+    both = datasets.DatasetDict({"train": datasets.Dataset.from_list(chats(2))})
+    with pytest.raises(TypeError, match="must be a `Dataset` or `IterableDataset`.*\\['train'\\]"):
+        SFTTrainer(model=model_dir, args=config(tmp_path), train_dataset=both)
+
+
+def test_a_dataset_with_a_transform_is_refused(tmp_path, model_dir):
+    rows = datasets.Dataset.from_list(chats(4)).with_transform(lambda batch: batch)
+    with pytest.raises(ChatSFTError, match="with_transform.*skip_prepare_dataset"):
+        SFTTrainer(model=model_dir, args=config(tmp_path), train_dataset=rows)
+
+
+def test_skip_prepare_with_masks_but_no_labels_is_refused(tmp_path, model_dir, tokenizer):
+    rows = datasets.Dataset.from_list([{"input_ids": [1, 2, 3], "completion_mask": [0, 1, 1]}] * 4)
+    with pytest.raises(ChatSFTError, match="Add a 'labels' column"):
+        SFTTrainer(
+            model=model_dir,
+            args=config(tmp_path, dataset_kwargs={"skip_prepare_dataset": True}),
+            train_dataset=rows,
+            data_collator=lambda batch: batch,
+        )
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_model_tags(tmp_path, model_dir, peft):
+    from peft import LoraConfig
+
+    trainer = SFTTrainer(
+        model=model_dir,
+        args=config(tmp_path),
+        train_dataset=datasets.Dataset.from_list(chats(4)),
+        peft_config=LoraConfig(target_modules="all-linear") if peft else None,
+    )
+    assert {"chatsft", "sft"} <= set(trainer.model.model_tags)
+
+
+def test_aux_loss_enabled_follows_the_router_coefficient(tmp_path, model_dir):
+    trainer = SFTTrainer(
+        model=model_dir, args=config(tmp_path), train_dataset=datasets.Dataset.from_list(chats(4))
+    )
+    assert trainer.aux_loss_enabled is False
