@@ -175,3 +175,60 @@ def test_aux_loss_enabled_follows_the_router_coefficient(tmp_path, model_dir):
         model=model_dir, args=config(tmp_path), train_dataset=datasets.Dataset.from_list(chats(4))
     )
     assert trainer.aux_loss_enabled is False
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
+def test_prompt_learning_loss_equals_peft_full_logit_loss_and_trains(tmp_path, tokenizer, kind):
+    """Virtual tokens shift the logits: the supervised loss must still score the right ones."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    from chatsft.model.loss import supervised_loss
+
+    cls = PromptTuningConfig if kind == "prompt_tuning" else PrefixTuningConfig
+    model = get_peft_model(
+        make_model(tokenizer), cls(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config(tmp_path, max_steps=3, learning_rate=1e-2),
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_list(chats(12)),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "position_ids" not in batch  # padded rows: peft ignores position_ids
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    parts, _ = supervised_loss(trainer.model, inputs, batch["labels"])
+    reference = trainer.model(**batch).loss  # peft's own loss over every logit
+    torch.testing.assert_close(parts.loss_sum / parts.num_tokens, reference)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history[:-1])
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(before[name], p.detach()), name
+
+
+def test_prompt_tuning_refuses_packing(tmp_path, tokenizer):
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    model = get_peft_model(
+        make_model(tokenizer), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=2)
+    )
+    with pytest.raises(ChatSFTError, match="prompt-learning"):
+        SFTTrainer(
+            model=model,
+            args=config(tmp_path, packing=True),
+            processing_class=tokenizer,
+            train_dataset=datasets.Dataset.from_list(chats(4)),
+        )
+
+
+def test_a_peft_model_of_a_saved_model_finds_its_tokenizer(tmp_path, model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig())
+    trainer = SFTTrainer(
+        model=model, args=config(tmp_path), train_dataset=datasets.Dataset.from_list(chats(4))
+    )
+    assert trainer.processing_class.name_or_path == model_dir

@@ -33,7 +33,7 @@ from .model.load import (
     load_tokenizer,
     training_init_kwargs,
 )
-from .model.loss import supervised_loss
+from .model.loss import is_prompt_learning, supervised_loss
 from .model.moe import router_aux_coef
 from .nonfinite import NonFiniteGuard, NonFiniteStep
 
@@ -156,6 +156,15 @@ def prep_options(args: SFTConfig, tokenizer: Any) -> PrepOptions:
 
 def default_collator(args: SFTConfig, model: torch.nn.Module, tokenizer: Any) -> Callable:
     # padding_free=None: padding-free wherever it is strictly better (same loss, no pad compute).
+    if is_prompt_learning(model):
+        if args.packing or args.eval_packing or args.padding_free:
+            raise ChatSFTError(
+                "packing and padding_free need position_ids to keep documents apart, and peft's "
+                "prompt-learning models (prompt tuning, p-tuning, prefix tuning) ignore them",
+                field="packing" if args.packing or args.eval_packing else "padding_free",
+                hint="set packing: false and padding_free: false, or use LoRA",
+            )
+        return PaddedCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
     auto = args.padding_free is None and isolates_without_dense_mask(model)
     if args.packing or args.eval_packing or args.padding_free or auto:
         if not isinstance(_base_model(model), PreTrainedModel):

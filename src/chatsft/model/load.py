@@ -110,6 +110,8 @@ def _in_hub_cache(ref: str) -> bool:
 def tokenizer_source(model_arg: str | torch.nn.Module) -> str | None:
     if isinstance(model_arg, str):
         return model_arg
+    if hasattr(model_arg, "get_base_model"):  # a PeftModel: its base model knows its name
+        model_arg = model_arg.get_base_model()
     if isinstance(model_arg, PreTrainedModel):
         name = getattr(model_arg.config, "_name_or_path", "") or getattr(
             model_arg, "name_or_path", ""

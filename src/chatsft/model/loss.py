@@ -49,6 +49,15 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
         return model
 
 
+def is_prompt_learning(model: torch.nn.Module) -> bool:
+    """A peft prompt-learning model (prompt tuning, p-tuning, prefix tuning): its forward prepends
+    virtual tokens (or a prefix cache) and ignores position_ids and logits_to_keep."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
 
@@ -153,6 +162,12 @@ def supervised_loss(
     outputs keep logits for every position, aligned with the labels (for compute_metrics)."""
     targets = shift_labels(labels)
     keep = targets != IGNORE_INDEX
+    if is_prompt_learning(model):
+        # Logits for every position; prompt tuning puts its virtual tokens' logits first, so the
+        # last labels.shape[1] positions are the ones aligned with the labels.
+        outputs = model(**inputs)
+        logits = _logits(outputs)[:, -labels.shape[1] :]
+        return _loss_from_logits(logits[keep], targets[keep], keep, dft), outputs
     to_keep, target = _trained_positions(keep, targets)
     inputs = with_document_boundaries(model, inputs)
     chunked = chunked and not all_logits
@@ -171,10 +186,16 @@ def supervised_loss(
     else:
         outputs = model(**inputs)
         logits = _logits(outputs)[keep]
+    return _loss_from_logits(logits, target, keep, dft), outputs
+
+
+def _loss_from_logits(
+    logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, dft: bool
+) -> LossParts:
+    """[n, vocab] logits of the trained positions and their [n] targets → summed loss parts."""
     token_loss = F.cross_entropy(logits.float(), target, reduction="none")
     if dft:
         token_loss = token_loss * torch.exp(-token_loss.detach())
-    loss_sum = token_loss.sum()
     with torch.no_grad():
         correct = (logits.argmax(dim=-1) == target).sum()
-    return LossParts(loss_sum, keep.sum(), correct), outputs
+    return LossParts(token_loss.sum(), keep.sum(), correct)
