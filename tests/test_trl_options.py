@@ -127,9 +127,11 @@ def test_packing_strategy_names():
     assert SFTConfig(output_dir="o", packing=True, max_length=8).packing_strategy == "bfd"
     split = SFTConfig(output_dir="o", packing=True, max_length=8, packing_strategy="bfd_split")
     assert split.overlong_policy == "split"
-    with pytest.raises(ValueError, match="'wrapped' cuts documents"):
-        SFTConfig(output_dir="o", packing_strategy="wrapped")
-    with pytest.raises(ValueError, match="bfd_split splits long examples"):
+    wrapped = SFTConfig(output_dir="o", packing=True, max_length=8, packing_strategy="wrapped")
+    assert wrapped.overlong_policy == "split"
+    with pytest.raises(ValueError, match="packing_strategy must be one of"):
+        SFTConfig(output_dir="o", packing_strategy="ffd")
+    with pytest.raises(ValueError, match="bfd_split cuts long examples"):
         SFTConfig(output_dir="o", packing_strategy="bfd_split", overlong_policy="drop")
     with pytest.raises(ValueError, match="loss_type must be one of"):
         SFTConfig(output_dir="o", loss_type="focal")
@@ -172,7 +174,8 @@ def test_quantization_config_and_trust_remote_code_reach_from_pretrained():
         "quantization_config": {"load_in_4bit": True},
         "trust_remote_code": True,
     }
-    assert model_init_kwargs(SFTConfig(output_dir="o"), "org/model", None) is None
+    # By name, weights load in float32 unless a dtype is given (TRL's default).
+    assert model_init_kwargs(SFTConfig(output_dir="o"), "org/model", None) == {"dtype": "float32"}
     with pytest.raises(Exception, match="only applies when model is a hub id"):
         model_init_kwargs(args, torch.nn.Linear(2, 2), {"load_in_4bit": True})
 
@@ -204,3 +207,43 @@ def test_compute_metrics_gets_logits_aligned_with_the_labels(tmp_path, tokenizer
     assert seen["shapes"][0] == seen["shapes"][1]
     assert result["eval_acc"] > 0
     assert result["eval_acc"] == pytest.approx(result["eval_mean_token_accuracy"], abs=1e-6)
+
+
+def test_wrapped_packing_cuts_the_stream_at_row_ends_and_keeps_every_token():
+    from chatsft.data.packing import pack_rows
+
+    ids = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
+    masks = [[True] * 3, [False, True, True, True, True], [True]]
+    rows = pack_rows(ids, masks, 4, "wrapped")
+    assert rows["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8], [9]]
+    assert rows["seq_lengths"] == [[3, 1], [4], [1]]
+    assert rows["trained_mask"] == [[True, True, True, False], [True] * 4, [True]]
+
+
+def test_wrapped_packing_trains_and_streams_alike(tmp_path, tokenizer):
+    """Map-style and streaming preparation give the same wrapped rows; training runs on them."""
+    from chatsft.data.streaming import ConstantLengthDataset
+
+    rows = datasets.Dataset.from_list(chats(12))
+    trainer = SFTTrainer(
+        model=make_model(tokenizer),
+        args=config(tmp_path, packing=True, packing_strategy="wrapped", max_length=48),
+        processing_class=tokenizer,
+        train_dataset=rows,
+    )
+    packed = trainer.train_dataset
+    assert all(len(r) == 48 for r in packed["input_ids"][:-1])
+    assert sum(map(len, packed["input_ids"])) == trainer.prep_stats["train"].total_tokens
+    streamed = list(
+        ConstantLengthDataset(
+            rows.to_iterable_dataset(),
+            tokenizer,
+            trainer._eval_prep[1],
+            packing=True,
+            packing_strategy="wrapped",
+        )
+    )
+    assert [r["input_ids"] for r in streamed] == packed["input_ids"]
+    assert [r["seq_lengths"] for r in streamed] == packed["seq_lengths"]
+    trainer.train()
+    assert trainer.state.log_history[-1]["train_loss"] > 0

@@ -232,3 +232,56 @@ def test_a_peft_model_of_a_saved_model_finds_its_tokenizer(tmp_path, model_dir):
         model=model, args=config(tmp_path), train_dataset=datasets.Dataset.from_list(chats(4))
     )
     assert trainer.processing_class.name_or_path == model_dir
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t['function']['name'] }} "
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and not enable_thinking %}what is {% endif %}"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "the weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+@pytest.mark.parametrize("as_json_string", [True, False])
+def test_tools_and_chat_template_kwargs_columns_reach_the_template(
+    tmp_path, model_dir, tokenizer, as_json_string
+):
+    import json
+
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    tools = json.dumps([WEATHER]) if as_json_string else [WEATHER]
+    row = {"messages": messages, "tools": tools, "chat_template_kwargs": {"enable_thinking": True}}
+    trainer = SFTTrainer(
+        model=model_dir,
+        args=config(tmp_path),
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_list([row] * 2),
+    )
+    expected = tokenizer.apply_chat_template(
+        messages, tools=[WEATHER], enable_thinking=True, tokenize=False
+    )
+    assert "weather" in expected and "what is" not in expected
+    want = tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert trainer.train_dataset[0]["input_ids"] == want
+
+
+def test_tools_that_are_not_json_name_the_row_and_field(tmp_path, model_dir):
+    rows = chats(3)
+    rows = [{**r, "tools": "[{not json"} for r in rows]
+    with pytest.raises(ChatSFTError, match="row 1.*field 'tools'.*not JSON"):
+        SFTTrainer(
+            model=model_dir,
+            args=config(tmp_path),
+            train_dataset=datasets.Dataset.from_list(rows),
+        )

@@ -7,9 +7,10 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .data.packing import PACKING_STRATEGIES
+
 OVERLONG_POLICIES = ("truncate", "drop", "split", "error")
 TRUNCATION_MODES = ("keep_start", "keep_end")
-PACKING_STRATEGIES = ("bfd", "bfd_split")
 LOSS_TYPES = ("nll", "dft")
 
 
@@ -149,8 +150,10 @@ class SFTConfig(TrainingArguments):
         metadata={
             "help": "How rows are packed (TRL's names): bfd (best-fit decreasing; an example "
             "longer than max_length follows overlong_policy) | bfd_split (the same, with "
-            "overlong_policy split: long examples become several documents). TRL's 'wrapped' "
-            "(cutting documents at row ends) is not offered: it trains on cut-off documents."
+            "overlong_policy split: long examples become several documents) | wrapped (the examples in "
+            "order as one stream cut every max_length tokens: no padding at all, but an example "
+            "cut at a row end continues in the next row without its beginning; pieces stay "
+            "isolated from each other)."
         },
     )
     eval_packing: bool | None = field(
@@ -267,20 +270,16 @@ class SFTConfig(TrainingArguments):
                 "per_device_train_batch_size and gradient_accumulation_steps it prints in the config"
             )
         if self.packing_strategy not in PACKING_STRATEGIES:
-            hint = (
-                " ('wrapped' cuts documents at row ends; chatsft packs whole documents)"
-                if self.packing_strategy == "wrapped"
-                else ""
-            )
             raise ValueError(
                 f"packing_strategy must be one of {PACKING_STRATEGIES}, got "
-                f"{self.packing_strategy!r}{hint}"
+                f"{self.packing_strategy!r}"
             )
-        if self.packing_strategy == "bfd_split":
+        if self.packing_strategy in ("bfd_split", "wrapped"):
+            # Both cut long examples instead of truncating them (wrapped cuts at row ends).
             if self.overlong_policy not in ("truncate", "split"):
                 raise ValueError(
-                    f"packing_strategy bfd_split splits long examples, but overlong_policy is "
-                    f"{self.overlong_policy!r}: leave one of them out"
+                    f"packing_strategy {self.packing_strategy} cuts long examples, but "
+                    f"overlong_policy is {self.overlong_policy!r}: leave one of them out"
                 )
             self.overlong_policy = "split"
         if self.loss_type not in LOSS_TYPES:

@@ -29,7 +29,7 @@ from .data.formats import PromptCompletion, Text, Tokenized, detect_format, norm
 from .data.load import load_data, split_eval
 from .data.packing import best_fit_decreasing
 from .data.prepare import prepare_for_training
-from .data.templates import render_chat, render_segments
+from .data.templates import chat_renderer, render_segments
 from .data.tokenize import (
     PrepOptions,
     PrepStats,
@@ -151,13 +151,14 @@ def role_spans(example: Any, tokenizer: Any, text: str) -> tuple[list[float], li
     if isinstance(example, PromptCompletion) and isinstance(example.prompt, str):
         return [len(example.prompt), inf], ["prompt", "completion"]
     if isinstance(example, PromptCompletion):
-        messages, tools = [*example.prompt, *example.completion], None
+        messages = [*example.prompt, *example.completion]
     else:
-        messages, tools = example.messages, example.tools
+        messages = example.messages
     ends: list[float] = []
     for k in range(len(messages)):
         try:
-            upto = render_chat(tokenizer, messages[: k + 1], tools, False)
+            render = chat_renderer(tokenizer, messages, example.tools, example.template_kwargs)
+            upto = render(messages[: k + 1], False)
         except ChatSFTError:
             return [inf], ["unattributed"]
         if not text.startswith(upto):

@@ -273,6 +273,7 @@ class SFTTrainer(Trainer):
             callbacks = [*(callbacks or []), sampler]
         prep_kwargs = dict(
             packing=args.packing,
+            packing_strategy=args.packing_strategy,
             formatting_func=formatting_func,
             num_proc=args.dataset_num_proc,
             column_map=args.column_map,
@@ -375,6 +376,7 @@ class SFTTrainer(Trainer):
                 tokenizer,
                 opts,
                 packing=prep_kwargs["packing"],
+                packing_strategy=prep_kwargs["packing_strategy"],
                 formatting_func=prep_kwargs["formatting_func"],
             )
         # Rank 0 prepares first and fills datasets' cache; the other ranks then read it.

@@ -5,6 +5,7 @@ Validation happens here, once, so every later stage can trust its input. Errors 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,9 @@ class Text:
 class Conversation:
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None = None
+    # Extra template variables of this row (TRL's `chat_template_kwargs` column), e.g.
+    # {"enable_thinking": False}.
+    template_kwargs: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class PromptCompletion:
 
     prompt: str | list[dict[str, Any]]
     completion: str | list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None  # conversational rows only, as for Conversation
+    template_kwargs: dict[str, Any] | None = None
 
 
 Example = Text | Conversation | PromptCompletion | Tokenized
@@ -196,19 +202,54 @@ def normalize(
                 field="messages",
                 hint="add an assistant message or remove the row",
             )
-        tools = row.get("tools")
-        return Conversation(msgs, tools if tools else None)
+        return Conversation(msgs, *_template_inputs(row, row_index, source))
     if fmt == "prompt_completion":
         prompt, completion = row.get("prompt"), row.get("completion")
         if isinstance(prompt, list) or isinstance(completion, list):
             p = check_messages(prompt, row_index, "prompt", source)
             c = check_messages(completion, row_index, "completion", source)
-            return PromptCompletion(p, c)
+            return PromptCompletion(p, c, *_template_inputs(row, row_index, source))
         return PromptCompletion(
             _check_text(prompt, row_index, "prompt", source),
             _check_text(completion, row_index, "completion", source),
         )
     raise ChatSFTError(f"unknown dataset_format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+
+
+def _template_inputs(
+    row: Mapping[str, Any], row_index: int, source: str | None
+) -> tuple[list[dict[str, Any]] | None, dict[str, Any] | None]:
+    """A chat row's `tools` (JSON schemas, or one JSON string of them, as TRL accepts) and
+    `chat_template_kwargs` (extra template variables)."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError as err:
+            raise ChatSFTError(
+                f"tools is a string but not JSON ({err.msg} at character {err.pos})",
+                source=source,
+                row=row_index,
+                field="tools",
+                hint="give a list of JSON schemas, or a JSON string of one",
+            ) from None
+    if tools and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ChatSFTError(
+            f"tools must be a list of JSON schemas (objects), got {type(tools).__name__}",
+            source=source,
+            row=row_index,
+            field="tools",
+        )
+    kwargs = row.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ChatSFTError(
+            f"chat_template_kwargs must be a mapping of template variables, got "
+            f"{type(kwargs).__name__}",
+            source=source,
+            row=row_index,
+            field="chat_template_kwargs",
+        )
+    return (tools or None), (dict(kwargs) if kwargs else None)
 
 
 def apply_formatting_func(

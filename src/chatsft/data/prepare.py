@@ -23,6 +23,7 @@ def prepare_for_training(
     opts: PrepOptions,
     *,
     packing: bool = False,
+    packing_strategy: str = "bfd",
     formatting_func: Callable | None = None,
     num_proc: int | None = None,
     column_map: dict[str, str] | None = None,
@@ -54,5 +55,5 @@ def prepare_for_training(
         )
     if packing:
         assert opts.max_length is not None
-        dataset = pack_dataset(dataset, opts.max_length)
+        dataset = pack_dataset(dataset, opts.max_length, packing_strategy)
     return dataset, stats

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .formats import detect_format
-from .packing import best_fit_decreasing
+from .packing import pack_rows
 from .tokenize import PrepOptions, PrepStats, _tokenize_batch, special_prefix_ids
 
 
@@ -34,12 +34,14 @@ class ConstantLengthDataset(torch.utils.data.IterableDataset):
         packing: bool = True,
         buffer_size: int = 1024,
         formatting_func: Callable | None = None,
+        packing_strategy: str = "bfd",
     ) -> None:
         if packing and opts.max_length is None:
             raise ValueError("packing needs max_length")
         self.rows, self.tokenizer, self.opts = rows, tokenizer, opts
         self.packing, self.buffer_size = packing, buffer_size
         self.formatting_func = formatting_func
+        self.packing_strategy = packing_strategy
         self.stats = PrepStats()
 
     def _prepared(self, chunk: list[dict[str, Any]], first_index: int) -> list[dict[str, Any]]:
@@ -83,14 +85,14 @@ class ConstantLengthDataset(torch.utils.data.IterableDataset):
 
     def _packed(self, docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         assert self.opts.max_length is not None
-        bins = best_fit_decreasing([len(d["input_ids"]) for d in docs], self.opts.max_length)
-        for b in sorted(bins, key=min):
-            members = [docs[i] for i in sorted(b)]
-            yield {
-                "input_ids": [t for d in members for t in d["input_ids"]],
-                "trained_mask": [m for d in members for m in d["trained_mask"]],
-                "seq_lengths": [len(d["input_ids"]) for d in members],
-            }
+        rows = pack_rows(
+            [d["input_ids"] for d in docs],
+            [d["trained_mask"] for d in docs],
+            self.opts.max_length,
+            self.packing_strategy,
+        )
+        for ids, mask, lengths in zip(rows["input_ids"], rows["trained_mask"], rows["seq_lengths"]):
+            yield {"input_ids": ids, "trained_mask": mask, "seq_lengths": lengths}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         chunk: list[dict[str, Any]] = []

@@ -115,7 +115,9 @@ def _render_compiled(compiled: Any, variables: dict[str, Any]) -> str:
 ChatRenderer = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
 
 
-def chat_renderer(tokenizer: Any, messages: list[dict], tools: Any) -> ChatRenderer:
+def chat_renderer(
+    tokenizer: Any, messages: list[dict], tools: Any, template_kwargs: dict | None = None
+) -> ChatRenderer:
     """Renders `messages`, or any prefix of them, with the tokenizer's chat template. Everything
     that does not depend on the prefix is looked up once, not once per render."""
     template = tokenizer.chat_template
@@ -134,7 +136,13 @@ def chat_renderer(tokenizer: Any, messages: list[dict], tools: Any) -> ChatRende
         # Same template, same variables as apply_chat_template, without its per-call
         # conversion of every message (half of the preparation time on short chats).
         jinja_template, flat_globals = compiled
-        fixed = {**flat_globals, **tokenizer.special_tokens_map, "tools": tools, "documents": None}
+        fixed = {
+            **flat_globals,
+            **tokenizer.special_tokens_map,
+            "tools": tools,
+            "documents": None,
+            **(template_kwargs or {}),
+        }
 
         def render(msgs: list[dict], add_generation_prompt: bool) -> str:
             variables = {**fixed, "messages": msgs, "add_generation_prompt": add_generation_prompt}
@@ -143,7 +151,11 @@ def chat_renderer(tokenizer: Any, messages: list[dict], tools: Any) -> ChatRende
 
         def render(msgs: list[dict], add_generation_prompt: bool) -> str:
             return tokenizer.apply_chat_template(
-                msgs, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+                msgs,
+                tools=tools,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **(template_kwargs or {}),
             )
 
     def checked(msgs: list[dict], add_generation_prompt: bool) -> str:
@@ -229,7 +241,7 @@ def render_segments(
 
     if isinstance(example, PromptCompletion):
         messages = example.prompt + example.completion
-        render = chat_renderer(tokenizer, messages, None)
+        render = chat_renderer(tokenizer, messages, example.tools, example.template_kwargs)
         full = render(messages, False)
         if completion_only_loss is False:
             return [(full, True)]
@@ -239,7 +251,7 @@ def render_segments(
 
     assert isinstance(example, Conversation)
     msgs = example.messages
-    render = chat_renderer(tokenizer, msgs, example.tools)
+    render = chat_renderer(tokenizer, msgs, example.tools, example.template_kwargs)
     full = render(msgs, False)
     if not (assistant_only_loss or last_turn_only):
         return [(full, True)]
