@@ -24,7 +24,11 @@ from .data.streaming import ConstantLengthDataset
 from .data.tokenize import PrepOptions
 from .errors import ChatSFTError
 from .generate import generation_eval_callback_from_config
-from .model.attention import isolates_without_dense_mask, use_document_attention
+from .model.attention import (
+    isolates_without_dense_mask,
+    shared_rows_refusal,
+    use_document_attention,
+)
 from .model.compile import compile_decoder_layers
 from .model.load import (
     apply_peft,
@@ -33,7 +37,7 @@ from .model.load import (
     load_tokenizer,
     training_init_kwargs,
 )
-from .model.loss import is_prompt_learning, supervised_loss
+from .model.loss import supervised_loss
 from .model.moe import router_aux_coef
 from .nonfinite import NonFiniteGuard, NonFiniteStep
 
@@ -155,26 +159,22 @@ def prep_options(args: SFTConfig, tokenizer: Any) -> PrepOptions:
 
 
 def default_collator(args: SFTConfig, model: torch.nn.Module, tokenizer: Any) -> Callable:
-    # padding_free=None: padding-free wherever it is strictly better (same loss, no pad compute).
-    if is_prompt_learning(model):
-        if args.packing or args.eval_packing or args.padding_free:
+    """Padding-free rows when asked (packing, padding_free) and where the model keeps documents
+    apart in them; by default (padding_free None) wherever that is strictly better: same loss, no
+    pad compute."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if args.packing or args.eval_packing or args.padding_free:
+        why = shared_rows_refusal(model)
+        if why is not None:
             raise ChatSFTError(
-                "packing and padding_free need position_ids to keep documents apart, and peft's "
-                "prompt-learning models (prompt tuning, p-tuning, prefix tuning) ignore them",
+                f"packing and padding_free put several documents in one row, but {why}",
                 field="packing" if args.packing or args.eval_packing else "padding_free",
-                hint="set packing: false and padding_free: false, or use LoRA",
+                hint="set packing: false and padding_free: false (padded rows keep documents "
+                "apart)",
             )
-        return PaddedCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
+        return PaddingFreeCollator(pad_id, args.pad_to_multiple_of)
     auto = args.padding_free is None and isolates_without_dense_mask(model)
-    if args.packing or args.eval_packing or args.padding_free or auto:
-        if not isinstance(_base_model(model), PreTrainedModel):
-            raise ChatSFTError(
-                "packing and padding_free need a transformers model (documents are separated "
-                "through position_ids)",
-                field="packing",
-                hint="set packing: false for a plain torch module",
-            )
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if auto and shared_rows_refusal(model) is None:
         return PaddingFreeCollator(pad_id, args.pad_to_multiple_of)
     return PaddedCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
 
@@ -323,6 +323,7 @@ class SFTTrainer(Trainer):
         self._chunked_loss = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         self._sums: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
         self._aux: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
+        self._aux_logged: list[float] = []
         self.num_trained_tokens = 0
         self.nonfinite_steps: list[int] = []
         self._nonfinite = NonFiniteGuard()
@@ -454,7 +455,11 @@ class SFTTrainer(Trainer):
         if aux is not None:
             # A per-micro-batch mean (DDP averages it over ranks): averaged over the step's
             # micro-batches, so that accumulation leaves its weight unchanged (as TRL does).
-            steps = 1 if num_items_in_batch is None else self.current_gradient_accumulation_steps
+            steps = (
+                self.current_gradient_accumulation_steps
+                if model.training and num_items_in_batch is not None
+                else 1
+            )
             loss = loss + self._aux_coef * aux / steps
             self._aux[mode].append(aux.detach().float())
         if model.training and self._guards_nonfinite():
@@ -541,7 +546,11 @@ class SFTTrainer(Trainer):
             if self.accelerator.num_processes > 1:
                 mean = self.accelerator.reduce(mean, reduction="mean")
             logs["eval_aux_loss" if is_eval else "aux_loss"] = mean.item()
+            if not is_eval:
+                self._aux_logged.append(logs["aux_loss"])
             aux.clear()
+        if "train_loss" in logs and self._aux_logged:  # the run's summary, as TRL logs it
+            logs["aux_loss"] = sum(self._aux_logged) / len(self._aux_logged)
         sums = self._sums["eval" if is_eval else "train"]
         if sums:
             total = torch.stack(sums).sum(0)

@@ -231,11 +231,65 @@ def _uses_windows_or_softcap(config) -> bool:
     )
 
 
+def is_prompt_learning(model: torch.nn.Module) -> bool:
+    """A peft prompt-learning model (prompt tuning, p-tuning, prefix tuning): its forward prepends
+    virtual tokens (or a prefix cache) and ignores position_ids and logits_to_keep."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def keeps_documents_apart(model: torch.nn.Module) -> bool:
+    """Does this model, as it is, keep two documents of one row apart through position_ids alone?
+
+    Checked by running it: the second document's logits in a packed row must equal its logits when
+    it is alone. For the dense-mask path (windows, soft-capping, sinks), where it is up to each
+    architecture's mask code to read position_ids (GPT-OSS's does not). Costs one no-grad forward
+    of 12 tokens, in eval mode so dropout cannot differ between the two runs."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    param = next(base.parameters())
+    vocab = base.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, 12), generator=generator).to(param.device)
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None].to(param.device)
+    was_training = base.training
+    base.eval()
+    try:
+        with torch.no_grad():
+            packed = base(input_ids=ids, position_ids=positions, use_cache=False).logits[0, 5:]
+            alone = base(input_ids=ids[:, 5:], use_cache=False).logits[0]
+    finally:
+        base.train(was_training)
+    tolerance = 1e-3 if param.dtype == torch.float32 else 3e-2
+    scale = alone.float().abs().max().clamp(min=1.0)
+    return bool(((packed.float() - alone.float()).abs().max() <= tolerance * scale).item())
+
+
+# Class-name parts of token mixers that carry state along the sequence instead of attending.
+_RECURRENT_NAMES = ("Mamba", "SSM", "GatedDeltaNet", "LinearAttention", "Rwkv", "RWKV", "Recurrent")
+
+
+def sequence_state_mixers(model: torch.nn.Module) -> list[str]:
+    """Class names of layers that mix tokens outside attention: Mamba/SSM scans, short causal
+    convolutions (a depthwise Conv1d), linear attention. They ignore position_ids, so in a
+    packed or padding-free row one document's state runs into the next."""
+    found = set()
+    for module in model.modules():
+        name = type(module).__name__
+        if any(part in name for part in _RECURRENT_NAMES):
+            found.add(name)
+        for child in module.children():
+            if isinstance(child, torch.nn.Conv1d) and child.groups == child.in_channels > 1:
+                found.add(name)
+    return sorted(found)
+
+
 def isolates_without_dense_mask(model: torch.nn.Module) -> bool:
     """True if padding-free rows cost this model nothing extra: flash-attn's varlen path, or an
     SDPA/eager model that chatsft's document attention can take over."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not isinstance(base, PreTrainedModel):
+    if not isinstance(base, PreTrainedModel) or sequence_state_mixers(base):
         return False
     current = base.config._attn_implementation
     if current in (ATTN_NAME,) or str(current).startswith("flash_attention"):
@@ -263,3 +317,28 @@ def use_document_attention(
     base.set_attn_implementation(ATTN_NAME)
     kernel = attention_kernel(device_type, dtype)
     return f"attention: document-isolated, {kernel}; no dense mask over packed rows"
+
+
+def shared_rows_refusal(model: torch.nn.Module) -> str | None:
+    """Why this model cannot train several documents in one row (packing, padding-free) without
+    them seeing each other; None when it can."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, PreTrainedModel):
+        return "a plain torch module cannot be told where documents start (position_ids)"
+    if is_prompt_learning(model):
+        return (
+            "peft's prompt-learning models (prompt tuning, p-tuning, prefix tuning) ignore the "
+            "position_ids that separate documents"
+        )
+    mixers = sequence_state_mixers(base)
+    if mixers:
+        return (
+            f"this model's {', '.join(mixers)} layers carry state along the row (they ignore "
+            "position_ids), so each document would see the one before it"
+        )
+    if not isolates_without_dense_mask(base) and not keeps_documents_apart(base):
+        return (
+            f"{type(base).__name__}'s attention mask does not follow the position_ids that "
+            "separate documents, so they would attend to each other"
+        )
+    return None

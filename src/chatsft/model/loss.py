@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.collate import IGNORE_INDEX
-from .attention import ATTN_NAME, boundaries, boundary_kwargs
+from .attention import ATTN_NAME, boundaries, boundary_kwargs, is_prompt_learning
 from .chunked_ce import chunked_linear_cross_entropy
 
 # Config fields with which a model transforms logits after its LM head; the chunked path would skip
@@ -47,15 +47,6 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
         if hasattr(model, "get_base_model"):  # peft
             return model.get_base_model()
         return model
-
-
-def is_prompt_learning(model: torch.nn.Module) -> bool:
-    """A peft prompt-learning model (prompt tuning, p-tuning, prefix tuning): its forward prepends
-    virtual tokens (or a prefix cache) and ignores position_ids and logits_to_keep."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    config = getattr(model, "active_peft_config", None)
-    return bool(getattr(config, "is_prompt_learning", False))
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
