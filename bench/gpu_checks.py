@@ -124,7 +124,7 @@ def check_packed_model() -> bool:
     for n in (700, 33, 1500, 260):
         ids = torch.randint(0, 150000, (n,)).tolist()
         mask = [i >= n // 3 for i in range(n)]
-        rows.append({"input_ids": ids, "trained_mask": mask})
+        rows.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
 
     def run(batch):
         model.zero_grad()
@@ -166,7 +166,7 @@ def check_compiled_layers() -> bool:
     worst_loss = worst_grad = 0.0
     for lengths in ((700, 33, 1500, 260), (2048,), (5, 900, 901, 1, 640)):
         rows = [
-            {"input_ids": torch.randint(0, 150000, (n,)).tolist(), "trained_mask": [True] * n}
+            {"input_ids": (ids := torch.randint(0, 150000, (n,)).tolist()), "labels": ids}
             for n in lengths
         ]
         batch = PaddingFreeCollator()(rows)

@@ -177,3 +177,12 @@ class CountSyncs(TorchDispatchMode):
         )
         self.count += name in self.SYNCING or bool_index
         return func(*args, **(kwargs or {}))
+
+
+def trained_mask_of(row: dict) -> list[bool]:
+    """A prepared row's trained mask, read from its labels (TRL's layout: the token id where
+    trained, -100 elsewhere); the labels must be the row's own ids wherever they are set."""
+    ids, labels = row["input_ids"], row["labels"]
+    assert len(ids) == len(labels)
+    assert all(label in (-100, t) for t, label in zip(ids, labels))
+    return [label != -100 for label in labels]

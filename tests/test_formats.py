@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datasets
 import pytest
-from conftest import chats
+from conftest import chats, trained_mask_of
 from test_masks import prepare, trained_text
 
 from chatsft import ChatSFTError, SFTConfig
@@ -74,7 +74,7 @@ def test_pretokenized_rows(tokenizer):
     ]
     for row, mask in cases:
         ds, _ = prepare([row], tokenizer)
-        assert ds[0]["input_ids"] == row["input_ids"] and ds[0]["trained_mask"] == mask
+        assert ds[0]["input_ids"] == row["input_ids"] and trained_mask_of(ds[0]) == mask
     with pytest.raises(ChatSFTError, match="row 1, field 'labels': has 2 entries"):
         prepare([{"input_ids": [1, 2, 3], "labels": [1, 2]}], tokenizer)
 
@@ -114,7 +114,7 @@ def test_mask_equals_the_templates_generation_mask(tokenizer):
             row["messages"], return_assistant_tokens_mask=True, return_dict=True
         )
         assert ex["input_ids"] == ref["input_ids"]
-        assert ex["trained_mask"] == [bool(m) for m in ref["assistant_masks"]]
+        assert trained_mask_of(ex) == [bool(m) for m in ref["assistant_masks"]]
 
 
 def test_template_that_rewrites_earlier_turns_is_refused(tokenizer):
@@ -152,11 +152,11 @@ def test_constant_length_dataset_streams_packed_isolated_rows(tokenizer):
             docs.append(
                 (
                     tuple(r["input_ids"][start : start + n]),
-                    tuple(r["trained_mask"][start : start + n]),
+                    tuple(trained_mask_of(r)[start : start + n]),
                 )
             )
             start += n
-    assert sorted(docs) == sorted((tuple(e["input_ids"]), tuple(e["trained_mask"])) for e in eager)
+    assert sorted(docs) == sorted((tuple(e["input_ids"]), tuple(trained_mask_of(e))) for e in eager)
     assert stream.stats.rows_read == 40 and stream.stats.kept == 40
 
 

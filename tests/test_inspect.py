@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import chats, dump_dom, needs_chromium
+from conftest import chats, dump_dom, needs_chromium, trained_mask_of
 from transformers import AutoTokenizer
 
 from chatsft.data.formats import detect_format, normalize
@@ -107,8 +107,8 @@ def test_counts_are_preparations_counts(data, tokenizer_dir):
     assert split.packing_efficiency == pytest.approx(stats.total_tokens / (len(packed) * 48))
     # Examples carry the collator's labels.
     for row in report.examples:
-        assert row.trained == collator_trained(row.ids, prepared[row.index]["trained_mask"])
-        assert row.num_trained == sum(prepared[row.index]["trained_mask"][1:])
+        assert row.trained == collator_trained(row.ids, prepared[row.index]["labels"])
+        assert row.num_trained == sum(trained_mask_of(prepared[row.index])[1:])
     assert report.warnings == []
 
 
@@ -121,9 +121,11 @@ def test_role_attribution_rebuilds_the_prepared_ids(data, tokenizer_dir):
         ids, mask, roles = attributed_tokens(
             normalize(row, fmt, row_index=i + 1), tok, opts, special_prefix_ids(tok)
         )
-        assert ids == prepared[i]["input_ids"] and mask == prepared[i]["trained_mask"]
+        assert ids == prepared[i]["input_ids"] and mask == trained_mask_of(prepared[i])
         # Trained tokens are assistant tokens, and every assistant message has trained tokens.
-        assert all(r == "assistant" for r, t in zip(roles, trained_positions(mask)) if t)
+        assert all(
+            r == "assistant" for r, t in zip(roles, trained_positions(prepared[i]["labels"])) if t
+        )
 
 
 def test_terminal_colours_and_plain_markers(data, tokenizer_dir, monkeypatch):
@@ -219,7 +221,7 @@ def test_html_in_a_browser_matches_the_statistics(data, tokenizer_dir, tmp_path)
     _, _, prepared, stats = reference(run_of(data, tokenizer_dir, "--assistant_only_loss"))
     assert len(dom.examples) == 3
     for n, example in enumerate(dom.examples):
-        ids, mask = prepared[n]["input_ids"], prepared[n]["trained_mask"]
+        ids, mask = prepared[n]["input_ids"], trained_mask_of(prepared[n])
         trained = sum(mask[1:])  # the statistic: trained tokens of the row
         assert example["trained_spans"] == int(example["data-trained"]) == trained > 0
         assert example["masked_spans"] == int(example["data-masked"]) == len(ids) - trained > 0

@@ -84,8 +84,8 @@ def test_packed_equals_unpacked(tokenizer, attention, filler):
 def test_filler_document_layout():
     """The filler is one extra document of pad tokens: positions restart, nothing is trained."""
     docs = [
-        {"input_ids": [5, 6, 7], "trained_mask": [False, True, True]},
-        {"input_ids": [8, 9], "trained_mask": [True, True]},
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+        {"input_ids": [8, 9], "labels": [8, 9]},
     ]
     collator = PaddingFreeCollator(pad_token_id=0, pad_to_multiple_of=8)
     batch = collator(docs)
@@ -170,10 +170,8 @@ def test_chunked_cross_entropy_matches_reference_across_chunks(fused):
 def test_padding_free_collator_names_a_mismatched_field():
     from chatsft.errors import ChatSFTError
 
-    good = {"input_ids": [5, 6, 7], "trained_mask": [False, True, True]}
-    with pytest.raises(
-        ChatSFTError, match="example 1 of the batch has 3 input_ids but trained_mask"
-    ):
-        PaddingFreeCollator()([good, {**good, "trained_mask": [True, True]}])
+    good = {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}
+    with pytest.raises(ChatSFTError, match="example 1 of the batch has 3 input_ids but labels"):
+        PaddingFreeCollator()([good, {**good, "labels": [6, 7]}])
     with pytest.raises(ChatSFTError, match="seq_lengths covers 4"):
         PaddingFreeCollator()([{**good, "seq_lengths": [1, 3]}])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datasets
 import pytest
+from conftest import trained_mask_of
 
 from chatsft.data.collate import IGNORE_INDEX, PaddedCollator
 from chatsft.data.prepare import prepare_for_training
@@ -19,7 +20,7 @@ def prepare(rows, tokenizer, **kw):
 def trained_text(tokenizer, example) -> list[str]:
     """Maximal runs of trained tokens, decoded."""
     runs, cur = [], []
-    for t, m in zip(example["input_ids"], example["trained_mask"]):
+    for t, m in zip(example["input_ids"], trained_mask_of(example)):
         if m:
             cur.append(t)
         elif cur:
@@ -53,7 +54,7 @@ def test_messages_assistant_only_multi_turn(tokenizer):
     assert trained_text(tokenizer, ds[0]) == ["yo<|im_end|>", "five<|im_end|>"]
     full = tokenizer.apply_chat_template(rows[0]["messages"], tokenize=False)
     assert tokenizer.decode(ds[0]["input_ids"]) == full
-    assert stats.trained_tokens == sum(ds[0]["trained_mask"])
+    assert stats.trained_tokens == sum(trained_mask_of(ds[0]))
 
 
 def test_messages_default_trains_all_tokens(tokenizer):
@@ -61,7 +62,7 @@ def test_messages_default_trains_all_tokens(tokenizer):
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     ]
     ds, _ = prepare(rows, tokenizer)
-    assert all(ds[0]["trained_mask"])
+    assert all(trained_mask_of(ds[0]))
 
 
 def test_prompt_completion_plain_trains_completion_and_eos(tokenizer):
@@ -88,7 +89,7 @@ def test_prompt_completion_conversational(tokenizer):
     )
     n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     assert ds[0]["input_ids"][:n_prompt] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    assert not any(ds[0]["trained_mask"][:n_prompt])
+    assert not any(trained_mask_of(ds[0])[:n_prompt])
 
 
 def test_labels_pin_exact_positions(tokenizer):

@@ -4,6 +4,7 @@ the assistant text plus its end-of-turn token, for any conversation."""
 from __future__ import annotations
 
 import datasets
+from conftest import trained_mask_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +33,8 @@ def test_packed_rows_keep_every_document_intact(args):
     lengths, capacity = args
     docs = [[1000 * d + t for t in range(n)] for d, n in enumerate(lengths)]
     masks = [[t % 2 == 0 for t in range(n)] for n in lengths]
-    ds = datasets.Dataset.from_dict({"input_ids": docs, "trained_mask": masks})
+    labels = [[t if m else -100 for t, m in zip(d, k)] for d, k in zip(docs, masks)]
+    ds = datasets.Dataset.from_dict({"input_ids": docs, "labels": labels})
     packed = pack_dataset(ds, capacity)
     seen = []
     for row in packed:
@@ -42,7 +44,7 @@ def test_packed_rows_keep_every_document_intact(args):
         for n in row["seq_lengths"]:
             doc = row["input_ids"][start : start + n]
             d = doc[0] // 1000
-            assert doc == docs[d] and row["trained_mask"][start : start + n] == masks[d]
+            assert doc == docs[d] and trained_mask_of(row)[start : start + n] == masks[d]
             seen.append(d)
             start += n
     assert sorted(seen) == list(range(len(lengths)))
@@ -76,7 +78,7 @@ def conversations(draw):
 def test_trained_tokens_are_exactly_assistant_text_and_end_of_turn(tokenizer, msgs):
     opts = PrepOptions(eos_token=tokenizer.eos_token, assistant_only_loss=True)
     ds, _ = prepare_dataset(datasets.Dataset.from_list([{"messages": msgs}]), tokenizer, opts)
-    ids, mask = ds[0]["input_ids"], ds[0]["trained_mask"]
+    ids, mask = ds[0]["input_ids"], trained_mask_of(ds[0])
     trained = [t for t, m in zip(ids, mask) if m]
     expected = []
     for m in msgs:

@@ -13,6 +13,7 @@ import random
 
 import datasets
 import pytest
+from conftest import trained_mask_of
 
 from chatsft.data.prepare import prepare_for_training
 from chatsft.data.tokenize import PrepOptions, _token_mask_unordered, token_mask, tokenize_segments
@@ -72,7 +73,7 @@ def prepare(rows, tokenizer, **kw):
 
 
 def tokens_and_mask(tokenizer, row) -> list[tuple[str, bool]]:
-    return list(zip(tokenizer.convert_ids_to_tokens(row["input_ids"]), row["trained_mask"]))
+    return list(zip(tokenizer.convert_ids_to_tokens(row["input_ids"]), trained_mask_of(row)))
 
 
 def test_the_tokenizer_marks_separately_tokenized_strings(sp_tokenizer):
@@ -134,7 +135,7 @@ def test_prompt_completion_ids_and_mask_pinned(sp_tokenizer):
         completion_only_loss=False,
     )[0]
     assert everything["input_ids"] == row["input_ids"]
-    assert everything["trained_mask"] == [False] + [True] * (len(row["input_ids"]) - 1)
+    assert trained_mask_of(everything) == [False] + [True] * (len(row["input_ids"]) - 1)
 
 
 def test_a_token_straddling_prompt_and_completion_is_trained(sp_tokenizer):

@@ -213,11 +213,11 @@ def test_wrapped_packing_cuts_the_stream_at_row_ends_and_keeps_every_token():
     from chatsft.data.packing import pack_rows
 
     ids = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
-    masks = [[True] * 3, [False, True, True, True, True], [True]]
-    rows = pack_rows(ids, masks, 4, "wrapped")
+    labels = [[1, 2, 3], [-100, 5, 6, 7, 8], [9]]
+    rows = pack_rows(ids, labels, 4, "wrapped")
     assert rows["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8], [9]]
     assert rows["seq_lengths"] == [[3, 1], [4], [1]]
-    assert rows["trained_mask"] == [[True, True, True, False], [True] * 4, [True]]
+    assert rows["labels"] == [[1, 2, 3, -100], [5, 6, 7, 8], [9]]
 
 
 def test_wrapped_packing_trains_and_streams_alike(tmp_path, tokenizer):

@@ -212,7 +212,8 @@ def test_prompt_tuning_refuses_packing(tmp_path, tokenizer):
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
     model = get_peft_model(
-        make_model(tokenizer), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=2)
+        make_model(tokenizer),
+        PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=2),
     )
     with pytest.raises(ChatSFTError, match="prompt-learning"):
         SFTTrainer(
@@ -285,3 +286,46 @@ def test_tools_that_are_not_json_name_the_row_and_field(tmp_path, model_dir):
             args=config(tmp_path),
             train_dataset=datasets.Dataset.from_list(rows),
         )
+
+
+def test_prepared_rows_have_trls_layout_input_ids_and_labels(tmp_path, model_dir, tokenizer):
+    row = {"prompt": "what is two plus three", "completion": " five"}
+    trainer = SFTTrainer(
+        model=model_dir, args=config(tmp_path), train_dataset=datasets.Dataset.from_list([row])
+    )
+    prepared = trainer.train_dataset
+    assert prepared.column_names == ["input_ids", "labels"]
+    n_prompt = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
+    ids, labels = prepared[0]["input_ids"], prepared[0]["labels"]
+    assert labels == [-100] * n_prompt + ids[n_prompt:]  # completion and EOS trained
+    packed = SFTTrainer(
+        model=model_dir,
+        args=config(tmp_path, packing=True),
+        train_dataset=datasets.Dataset.from_list([row, row]),
+    ).train_dataset
+    assert packed.column_names == ["input_ids", "labels", "seq_lengths"]
+    assert packed[0]["labels"] == labels + labels and packed[0]["seq_lengths"] == [len(ids)] * 2
+
+
+def test_pretokenized_labels_are_used_as_given_and_truncated(tmp_path, model_dir):
+    rows = [
+        # Labels that differ from the ids are kept: they are the targets.
+        {"input_ids": [5, 6, 7, 8, 9, 10], "labels": [-100, -100, 70, 80, 90, 100]},
+        # Everything trained sits past max_length: nothing left to train, dropped and counted.
+        {"input_ids": [5, 6, 7, 8, 9, 10], "labels": [-100] * 5 + [10]},
+        {"input_ids": [5, 6, 7], "completion_mask": [0, 1, 1]},
+    ]
+    columns = {
+        key: [r.get(key) for r in rows] for key in ("input_ids", "labels", "completion_mask")
+    }
+    trainer = SFTTrainer(
+        model=model_dir,
+        args=config(tmp_path, max_length=4),
+        train_dataset=datasets.Dataset.from_dict(columns),
+    )
+    prepared = trainer.train_dataset
+    assert prepared["input_ids"] == [[5, 6, 7, 8], [5, 6, 7]]
+    assert prepared["labels"] == [[-100, -100, 70, 80], [-100, 6, 7]]
+    assert trainer.prep_stats["train"].dropped == {"no trained token left": 1}
+    batch = trainer.data_collator([prepared[0]])
+    assert batch["labels"].tolist() == [[-100, -100, 70, 80]]

@@ -34,8 +34,10 @@ from .data.tokenize import (
     PrepOptions,
     PrepStats,
     fit_length,
+    num_trained,
     special_prefix_ids,
     tokenize_segments,
+    trained_of,
 )
 from .errors import ChatSFTError
 from .files import write_atomic
@@ -114,24 +116,24 @@ class InspectReport:
 # --- what the collator trains ----------------------------------------------------------------------
 
 
-def collator_trained(ids: list[int], trained_mask: list[bool]) -> list[bool]:
+def collator_trained(ids: list[int], labels: list[int]) -> list[bool]:
     """The trained positions of one row, from the collator training uses (it also masks the first
     token of every document, which nothing predicts)."""
-    labels = PaddedCollator(pad_token_id=0)([{"input_ids": ids, "trained_mask": trained_mask}])
-    return (labels["labels"][0] != IGNORE_INDEX).tolist()
+    batch = PaddedCollator(pad_token_id=0)([{"input_ids": ids, "labels": labels}])
+    return (batch["labels"][0] != IGNORE_INDEX).tolist()
 
 
-def trained_positions(mask: list[bool]) -> list[bool]:
+def trained_positions(labels: list[int]) -> list[bool]:
     """Same rule as collator_trained without building tensors (used over whole datasets)."""
-    return [False, *mask[1:]] if mask else []
+    return [False, *trained_of(labels[1:])] if labels else []
 
 
 def token_rows(dataset: datasets.Dataset, tokenizer: Any, count: int) -> list[TokenRow]:
     rows = []
     for index in range(min(count, len(dataset))):
-        ids, mask = dataset[index]["input_ids"], dataset[index]["trained_mask"]
+        ids, labels = dataset[index]["input_ids"], dataset[index]["labels"]
         pieces = tokenizer.batch_decode([[t] for t in ids], clean_up_tokenization_spaces=False)
-        rows.append(TokenRow(index, ids, pieces, collator_trained(ids, mask)))
+        rows.append(TokenRow(index, ids, pieces, collator_trained(ids, labels)))
     return rows
 
 
@@ -174,7 +176,8 @@ def attributed_tokens(
     """Token ids, trained mask and the role of each token, built exactly like preparation builds
     them (tokenize_segments), with character offsets to find the role."""
     if isinstance(example, Tokenized):
-        return example.input_ids, example.trained_mask, ["tokens"] * len(example.input_ids)
+        mask = trained_of(example.labels)
+        return example.input_ids, mask, ["tokens"] * len(example.input_ids)
     segments = render_segments(
         example,
         tokenizer,
@@ -231,7 +234,7 @@ def count_roles(
         for positions, piece_mask in pieces:
             if not any(piece_mask[1:]):
                 continue  # preparation drops such rows
-            for position, trained in zip(positions, trained_positions(piece_mask)):
+            for position, trained in zip(positions, [False, *piece_mask[1:]]):
                 count = counts.setdefault(roles[position], RoleCount())
                 count.tokens += 1
                 count.trained += trained
@@ -303,10 +306,10 @@ def _is_prefix_error(err: ChatSFTError) -> bool:
 
 def _eos_counts(dataset: datasets.Dataset, eos_id: int) -> tuple[int, int]:
     present = trained = 0
-    for ids, mask in zip(dataset["input_ids"], dataset["trained_mask"]):
+    for ids, labels in zip(dataset["input_ids"], dataset["labels"]):
         hits = [p for p, t in enumerate(ids) if t == eos_id]
         present += bool(hits)
-        trained += any(trained_positions(mask)[p] for p in hits)
+        trained += any(trained_positions(labels)[p] for p in hits)
     return present, trained
 
 
@@ -359,13 +362,13 @@ def inspect_split(
 
 
 def _stats_of_prepared(prepared: datasets.Dataset) -> PrepStats:
-    masks = prepared["trained_mask"]
+    labels = prepared["labels"]
     n = len(prepared)
     return PrepStats(
         rows_read=n,
         kept=n,
-        total_tokens=sum(len(m) for m in masks),
-        trained_tokens=sum(sum(m[1:]) for m in masks),
+        total_tokens=sum(len(x) for x in labels),
+        trained_tokens=sum(num_trained(x) for x in labels),
     )
 
 

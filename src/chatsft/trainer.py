@@ -19,7 +19,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from .config import SFTConfig
 from .data.collate import PaddedCollator, PaddingFreeCollator
-from .data.prepare import is_prepared, prepare_for_training
+from .data.prepare import prepare_for_training
 from .data.streaming import ConstantLengthDataset
 from .data.tokenize import PrepOptions
 from .errors import ChatSFTError
@@ -43,14 +43,7 @@ from .nonfinite import NonFiniteGuard, NonFiniteStep
 
 CONFIG_FILE = "training_config.yaml"
 STAGING_DIR = ".checkpoint-in-progress"
-PREPARED_COLUMNS = (
-    "input_ids",
-    "trained_mask",
-    "seq_lengths",
-    "labels",
-    "attention_mask",
-    "position_ids",
-)
+PREPARED_COLUMNS = ("input_ids", "labels", "seq_lengths", "attention_mask", "position_ids")
 
 
 # Tags written to the model card. "sft" is what TRL-based tooling and hub filters look for; a model
@@ -248,6 +241,7 @@ class SFTTrainer(Trainer):
             total = sum(p.numel() for p in model.parameters())
             self._say(args, f"peft: {trainable:,} trainable of {total:,} parameters")
         self.prep_stats: dict[str, Any] = {}
+        self._prepared_sets: list[Any] = []
         extra = dict(args.dataset_kwargs or {})
         skip_prepare = bool(extra.pop("skip_prepare_dataset", False))
         if extra:
@@ -359,10 +353,8 @@ class SFTTrainer(Trainer):
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def _prepare(self, dataset, tokenizer, opts, name, args, prep_kwargs):
-        if is_prepared(dataset) and (
-            not prep_kwargs["packing"] or "seq_lengths" in dataset.column_names
-        ):
-            return dataset  # ready for the collator (evaluate() re-enters with prepared sets)
+        if any(dataset is done for done in self._prepared_sets):
+            return dataset  # evaluate() re-enters with the sets prepared here
         check_no_transform(dataset, name)
         if name == "train" and args.shuffle_dataset and hasattr(dataset, "shuffle"):
             dataset = dataset.shuffle(seed=args.seed)  # before packing: rows mix the whole set
@@ -388,6 +380,7 @@ class SFTTrainer(Trainer):
         if stats is not None:
             self.prep_stats[name] = stats
             self._say(args, stats.summary(name))
+        self._prepared_sets.append(prepared)
         return prepared
 
     @staticmethod
@@ -413,8 +406,8 @@ class SFTTrainer(Trainer):
         return loader
 
     def _set_signature_columns_if_needed(self) -> None:
-        # The Trainer would drop columns the model's forward does not name (trained_mask,
-        # seq_lengths); our collators consume them.
+        # The Trainer would drop columns the model's forward does not name (seq_lengths); our
+        # collators consume them.
         if self._signature_columns is None:
             self._signature_columns = list(PREPARED_COLUMNS)
 

@@ -1,9 +1,10 @@
-"""Batches for the model. Labels are built here and only here.
+"""Batches for the model.
 
-labels: [batch, seq] int64, equal to input_ids where the token is trained and IGNORE_INDEX elsewhere,
-*unshifted* (Hugging Face convention: the loss compares position t's prediction with labels[t + 1]).
-The first token of every document is IGNORE_INDEX: nothing in the document predicts it, and in a
-padding-free row it would otherwise be "predicted" by the previous document's last token.
+labels: [batch, seq] int64, the prepared rows' labels (the token id where trained, IGNORE_INDEX
+elsewhere), *unshifted* (Hugging Face convention: the loss compares position t's prediction with
+labels[t + 1]). Here, and only here, the first token of every document becomes IGNORE_INDEX: nothing
+in the document predicts it, and in a padding-free row it would otherwise be "predicted" by the
+previous document's last token.
 """
 
 from __future__ import annotations
@@ -30,29 +31,20 @@ def _doc_lengths(example: dict[str, Any]) -> list[int]:
 
 
 def _check_lengths(example: dict[str, Any], index: int) -> None:
-    """One trained_mask entry per token and seq_lengths that add up to the row: the vectorised
-    collation would otherwise shift labels across examples silently."""
+    """One label per token and seq_lengths that add up to the row: the vectorised collation would
+    otherwise shift labels across examples silently."""
     n = len(example["input_ids"])
     for name, size in (
-        ("trained_mask", len(example["trained_mask"])),
+        ("labels", len(example["labels"])),
         ("seq_lengths", sum(_doc_lengths(example))),
     ):
         if size != n:
             raise ChatSFTError(
                 f"example {index} of the batch has {n} input_ids but {name} covers {size}",
                 field=name,
-                hint="prepare the data with chatsft (one trained_mask entry per token, "
-                "seq_lengths summing to the row length) or pass your own data_collator",
+                hint="prepare the data with chatsft (one label per token, seq_lengths summing to "
+                "the row length) or pass your own data_collator",
             )
-
-
-def _labels(ids: list[int], mask: list[bool], lengths: list[int]) -> list[int]:
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-    start = 0
-    for n in lengths:
-        labels[start] = IGNORE_INDEX
-        start += n
-    return labels
 
 
 @dataclass
@@ -72,9 +64,11 @@ class PaddedCollator:
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
         for i, e in enumerate(examples):
+            _check_lengths(e, i)
             n = len(e["input_ids"])
             input_ids[i, :n] = torch.tensor(e["input_ids"])
-            labels[i, :n] = torch.tensor(_labels(e["input_ids"], e["trained_mask"], [n]))
+            labels[i, :n] = torch.tensor(e["labels"])
+            labels[i, 0] = IGNORE_INDEX
             attention_mask[i, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
@@ -102,15 +96,14 @@ class PaddingFreeCollator:
         for i, e in enumerate(examples):
             _check_lengths(e, i)
         ids = _concat(e["input_ids"] for e in examples)
-        trained = _concat((e["trained_mask"] for e in examples), np.bool_)
+        labels = _concat(e["labels"] for e in examples)
         lengths = np.array([n for e in examples for n in _doc_lengths(e)], dtype=np.int64)
         self.filler_tokens = self._padded_length(len(ids)) - len(ids)
         if self.filler_tokens:
             ids = np.concatenate([ids, np.full(self.filler_tokens, self.pad_token_id, np.int64)])
-            trained = np.concatenate([trained, np.zeros(self.filler_tokens, np.bool_)])
+            labels = np.concatenate([labels, np.full(self.filler_tokens, IGNORE_INDEX, np.int64)])
             lengths = np.append(lengths, self.filler_tokens)
         starts = np.cumsum(lengths) - lengths
-        labels = np.where(trained, ids, IGNORE_INDEX)
         labels[starts] = IGNORE_INDEX  # nothing in the row predicts a document's first token
         positions = np.arange(len(ids), dtype=np.int64) - np.repeat(starts, lengths)
         return {

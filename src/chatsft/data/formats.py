@@ -45,10 +45,11 @@ class Conversation:
 
 @dataclass(frozen=True)
 class Tokenized:
-    """Pre-tokenized rows: ids as given, trained where the labels/masks say."""
+    """Pre-tokenized rows: ids as given; labels as given, or the ids where a mask says trained and
+    -100 elsewhere."""
 
     input_ids: list[int]
-    trained_mask: list[bool]
+    labels: list[int]
 
 
 @dataclass(frozen=True)
@@ -326,20 +327,23 @@ def _tokenized(row: Mapping[str, Any], row_index: int, source: str | None) -> To
             row=row_index,
             field="input_ids",
         )
-    if row.get("labels") is not None:
-        mask = [label != -100 for label in row["labels"]]
-        name = "labels"
-    elif row.get("completion_mask") is not None:
-        mask, name = [bool(m) for m in row["completion_mask"]], "completion_mask"
-    elif row.get("assistant_masks") is not None:
-        mask, name = [bool(m) for m in row["assistant_masks"]], "assistant_masks"
+    labels = row.get("labels")
+    if labels is not None:
+        name = "labels"  # used as given, as TRL does (they may differ from input_ids)
     else:
-        mask, name = [True] * len(ids), "input_ids"
-    if len(mask) != len(ids):
+        for name in ("completion_mask", "assistant_masks", "trained_mask"):
+            if row.get(name) is not None:
+                labels = [t if m else -100 for t, m in zip(ids, row[name])]
+                if len(row[name]) != len(ids):
+                    labels = row[name]  # reported below
+                break
+        else:
+            labels, name = list(ids), "input_ids"
+    if len(labels) != len(ids):
         raise ChatSFTError(
-            f"has {len(mask)} entries but input_ids has {len(ids)}",
+            f"has {len(labels)} entries but input_ids has {len(ids)}",
             source=source,
             row=row_index,
             field=name,
         )
-    return Tokenized(list(ids), mask)
+    return Tokenized(list(ids), list(labels))

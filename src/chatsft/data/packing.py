@@ -39,9 +39,9 @@ PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
 
 
 def pack_rows(
-    ids: list[list[int]], masks: list[list[bool]], max_length: int, strategy: str = "bfd"
+    ids: list[list[int]], labels: list[list[int]], max_length: int, strategy: str = "bfd"
 ) -> dict[str, list]:
-    """Documents → rows of at most max_length tokens: input_ids, trained_mask and seq_lengths (the
+    """Documents → rows of at most max_length tokens: input_ids, labels and seq_lengths (the
     document pieces of each row, which the collator keeps apart). No token is dropped.
 
     bfd / bfd_split: whole documents, best-fit decreasing, rows in order of their first document.
@@ -49,42 +49,42 @@ def pack_rows(
     row has room left, but a document cut at a row end continues in the next row without its
     beginning, and each piece's first token is not trained (nothing before it in the row)."""
     if strategy == "wrapped":
-        return _wrapped_rows(ids, masks, max_length)
+        return _wrapped_rows(ids, labels, max_length)
     bins = best_fit_decreasing([len(x) for x in ids], max_length)
     # Keep the bins in a fixed order (by first document) so the data order does not depend on sizes.
     bins.sort(key=min)
-    rows: dict[str, list] = {"input_ids": [], "trained_mask": [], "seq_lengths": []}
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "seq_lengths": []}
     for b in bins:
         docs = sorted(b)
         rows["input_ids"].append([t for d in docs for t in ids[d]])
-        rows["trained_mask"].append([t for d in docs for t in masks[d]])
+        rows["labels"].append([t for d in docs for t in labels[d]])
         rows["seq_lengths"].append([len(ids[d]) for d in docs])
     return rows
 
 
 def _wrapped_rows(
-    ids: list[list[int]], masks: list[list[bool]], max_length: int
+    ids: list[list[int]], labels: list[list[int]], max_length: int
 ) -> dict[str, list]:
-    rows: dict[str, list] = {"input_ids": [], "trained_mask": [], "seq_lengths": []}
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "seq_lengths": []}
     row_ids: list[int] = []
-    row_mask: list[bool] = []
+    row_labels: list[int] = []
     lengths: list[int] = []
-    for doc_ids, doc_mask in zip(ids, masks):
+    for doc_ids, doc_labels in zip(ids, labels):
         start = 0
         while start < len(doc_ids):
             take = min(max_length - len(row_ids), len(doc_ids) - start)
             row_ids += doc_ids[start : start + take]
-            row_mask += doc_mask[start : start + take]
+            row_labels += doc_labels[start : start + take]
             lengths.append(take)
             start += take
             if len(row_ids) == max_length:
                 rows["input_ids"].append(row_ids)
-                rows["trained_mask"].append(row_mask)
+                rows["labels"].append(row_labels)
                 rows["seq_lengths"].append(lengths)
-                row_ids, row_mask, lengths = [], [], []
+                row_ids, row_labels, lengths = [], [], []
     if row_ids:
         rows["input_ids"].append(row_ids)
-        rows["trained_mask"].append(row_mask)
+        rows["labels"].append(row_labels)
         rows["seq_lengths"].append(lengths)
     return rows
 
@@ -93,5 +93,5 @@ def pack_dataset(
     dataset: datasets.Dataset, max_length: int, strategy: str = "bfd"
 ) -> datasets.Dataset:
     """Rows of concatenated documents with `seq_lengths` (see pack_rows)."""
-    rows = pack_rows(dataset["input_ids"], dataset["trained_mask"], max_length, strategy)
+    rows = pack_rows(dataset["input_ids"], dataset["labels"], max_length, strategy)
     return datasets.Dataset.from_dict(rows)

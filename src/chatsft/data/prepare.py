@@ -12,9 +12,12 @@ from .packing import pack_dataset
 from .tokenize import PrepOptions, PrepStats, prepare_dataset
 
 
-def is_prepared(dataset: Any) -> bool:
+def is_packed(dataset: Any) -> bool:
+    """Rows already packed (input_ids, labels, seq_lengths): ready for the padding-free collator.
+    Other tokenized rows (input_ids with labels or masks, TRL's layout) still go through the
+    length policy and the counts."""
     cols = getattr(dataset, "column_names", None) or []
-    return "input_ids" in cols and "trained_mask" in cols
+    return {"input_ids", "labels", "seq_lengths"} <= set(cols)
 
 
 def prepare_for_training(
@@ -31,8 +34,7 @@ def prepare_for_training(
     name: str = "train",
 ) -> tuple[datasets.Dataset, PrepStats | None]:
     """Returns the dataset ready for a chatsft collator and what preparation did (None if the
-    dataset was already prepared)."""
-    stats = None
+    rows were already packed)."""
     if column_map:
         missing = sorted(set(column_map) - set(dataset.column_names))
         if missing:
@@ -43,16 +45,17 @@ def prepare_for_training(
                 field="column_map",
             )
         dataset = dataset.rename_columns(column_map)
-    if not is_prepared(dataset):
-        dataset, stats = prepare_dataset(
-            dataset,
-            tokenizer,
-            opts,
-            formatting_func=formatting_func,
-            num_proc=num_proc,
-            source=source,
-            name=name,
-        )
+    if is_packed(dataset):
+        return dataset, None
+    dataset, stats = prepare_dataset(
+        dataset,
+        tokenizer,
+        opts,
+        formatting_func=formatting_func,
+        num_proc=num_proc,
+        source=source,
+        name=name,
+    )
     if packing:
         assert opts.max_length is not None
         dataset = pack_dataset(dataset, opts.max_length, packing_strategy)

@@ -64,12 +64,12 @@ class ConstantLengthDataset(torch.utils.data.IterableDataset):
         )
         outcome: dict[int, str] = {}
         kept = []
-        for ids, mask, why, row, n_trained in zip(
-            out["input_ids"], out["trained_mask"], out["_status"], out["_row"], out["_trained"]
+        for ids, labels, why, row, n_trained in zip(
+            out["input_ids"], out["labels"], out["_status"], out["_row"], out["_trained"]
         ):
             outcome.setdefault(row, why)
             if why in ("", "truncated", "split"):
-                kept.append({"input_ids": ids, "trained_mask": mask})
+                kept.append({"input_ids": ids, "labels": labels})
                 self.stats.trained_tokens += n_trained
         counts = Counter(outcome.values())
         s = self.stats
@@ -87,12 +87,12 @@ class ConstantLengthDataset(torch.utils.data.IterableDataset):
         assert self.opts.max_length is not None
         rows = pack_rows(
             [d["input_ids"] for d in docs],
-            [d["trained_mask"] for d in docs],
+            [d["labels"] for d in docs],
             self.opts.max_length,
             self.packing_strategy,
         )
-        for ids, mask, lengths in zip(rows["input_ids"], rows["trained_mask"], rows["seq_lengths"]):
-            yield {"input_ids": ids, "trained_mask": mask, "seq_lengths": lengths}
+        for ids, labels, lengths in zip(rows["input_ids"], rows["labels"], rows["seq_lengths"]):
+            yield {"input_ids": ids, "labels": labels, "seq_lengths": lengths}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         chunk: list[dict[str, Any]] = []

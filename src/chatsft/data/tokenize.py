@@ -1,4 +1,7 @@
-"""Tokenize examples into (input_ids, trained_mask), apply the max_length policy, count everything.
+"""Tokenize examples into (input_ids, labels), apply the max_length policy, count everything.
+
+The prepared rows have TRL's layout: `input_ids` and `labels` (the token id where it is trained, -100
+where not; unshifted), so code written for TRL reads `trainer.train_dataset[i]["labels"]` as before.
 
 Runs as one batched `datasets.map`, so it uses `dataset_num_proc` processes and datasets' on-disk
 cache: a second run over the same files with the same settings reuses the result.
@@ -21,6 +24,7 @@ import datasets
 from datasets.fingerprint import generate_random_fingerprint, get_temporary_cache_files_directory
 
 from ..errors import ChatSFTError
+from .collate import IGNORE_INDEX
 from .formats import Text, Tokenized, apply_formatting_func, detect_format, normalize
 from .templates import Segment, render_segments
 
@@ -239,13 +243,30 @@ def _segmentwise_if_exact(
     return out
 
 
+def labels_of(ids: list[int], mask: list[bool]) -> list[int]:
+    """[n] token ids and [n] trained flags → [n] labels: the id where trained, IGNORE_INDEX where
+    not (unshifted; the collator masks each document's first token, which nothing predicts)."""
+    if all(mask):
+        return ids
+    return [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+
+
+def trained_of(labels: list[int]) -> list[bool]:
+    return [label != IGNORE_INDEX for label in labels]
+
+
+def num_trained(labels: list[int]) -> int:
+    """Trained tokens of a row: labels set after its first token (nothing predicts the first)."""
+    return len(labels) - 1 - labels[1:].count(IGNORE_INDEX) if labels else 0
+
+
 def fit_length(
-    ids: list[int], mask: list[bool], max_length: int | None, policy: str, mode: str
-) -> tuple[list[tuple[list[int], list[bool]]], str]:
-    """Apply the over-long policy. Returns the resulting rows and '', 'truncated', 'split' or a
-    drop reason."""
+    ids: list[int], labels: list[int], max_length: int | None, policy: str, mode: str
+) -> tuple[list[tuple[list[int], list[int]]], str]:
+    """Apply the over-long policy to a row's ids and labels. Returns the resulting rows and '',
+    'truncated', 'split' or a drop reason."""
     if max_length is None or len(ids) <= max_length:
-        return [(ids, mask)], ""
+        return [(ids, labels)], ""
     if policy == "drop":
         return [], DROP_TOO_LONG
     if policy == "error":
@@ -256,14 +277,14 @@ def fit_length(
         )
     if policy == "split":
         # Consecutive pieces; each piece's first token has no context inside the row, so it is not
-        # trained (the collator masks every row's first label).
+        # trained (the collator labelss every row's first label).
         return [
-            (ids[i : i + max_length], mask[i : i + max_length])
+            (ids[i : i + max_length], labels[i : i + max_length])
             for i in range(0, len(ids), max_length)
         ], "split"
     if mode == "keep_end":
-        return [(ids[-max_length:], mask[-max_length:])], "truncated"
-    return [(ids[:max_length], mask[:max_length])], "truncated"
+        return [(ids[-max_length:], labels[-max_length:])], "truncated"
+    return [(ids[:max_length], labels[:max_length])], "truncated"
 
 
 def _tokenize_batch(
@@ -283,7 +304,7 @@ def _tokenize_batch(
     rendered: list[list[Segment]] = []
     owners: list[int] = []
     ids_out: list[list[int]] = []
-    mask_out: list[list[bool]] = []
+    labels_out: list[list[int]] = []
     for j in range(n):
         row = {k: batch[k][j] for k in names}
         if formatting_func is not None:
@@ -298,7 +319,7 @@ def _tokenize_batch(
         )
         if isinstance(example, Tokenized):
             ids_out.append(example.input_ids)
-            mask_out.append(example.trained_mask)
+            labels_out.append(example.labels)
             continue
         segs = render_segments(
             example,
@@ -310,7 +331,7 @@ def _tokenize_batch(
         )
         plain = isinstance(example, Text) or isinstance(getattr(example, "prompt", None), str)
         ids_out.append(list(prefix_ids) if plain else [])
-        mask_out.append([False] * len(ids_out[-1]))
+        labels_out.append([IGNORE_INDEX] * len(ids_out[-1]))
         rendered.append(segs)
         owners.append(j)
     if rendered:
@@ -322,24 +343,25 @@ def _tokenize_batch(
             raise (err.with_source(source) if source else err) from None
         for owner, (ids, mask) in zip(owners, tokenized):
             ids_out[owner] += ids
-            mask_out[owner] += mask
-    out: dict[str, list] = {k: [] for k in ("input_ids", "trained_mask", *BOOKKEEPING)}
-    for row_index, ids, mask in zip(indices, ids_out, mask_out):
+            labels_out[owner] += labels_of(ids, mask)
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", *BOOKKEEPING)}
+    for row_index, ids, labels in zip(indices, ids_out, labels_out):
         rows, why = fit_length(
-            ids, mask, opts.max_length, opts.overlong_policy, opts.truncation_mode
+            ids, labels, opts.max_length, opts.overlong_policy, opts.truncation_mode
         )
         # Position 0 is never predicted (nothing comes before it), so it cannot count as trained.
-        rows = [(i, m) for i, m in rows if any(m[1:])]
-        if not rows:
+        counted = [(i, lab, num_trained(lab)) for i, lab in rows]
+        counted = [row for row in counted if row[2]]
+        if not counted:
             why = why if why == DROP_TOO_LONG else DROP_NO_TRAINED
-            rows = [([], [])]  # a placeholder row carrying the drop reason, removed below
-        for i, m in rows:
+            counted = [([], [], 0)]  # a placeholder row carrying the drop reason, removed below
+        for i, lab, trained in counted:
             out["input_ids"].append(i)
-            out["trained_mask"].append(m)
+            out["labels"].append(lab)
             out["_status"].append(why)
             out["_row"].append(row_index)
             out["_tokens"].append(len(i))
-            out["_trained"].append(sum(m[1:]))
+            out["_trained"].append(trained)
     return out
 
 
@@ -353,7 +375,7 @@ def prepare_dataset(
     source: str | None = None,
     name: str = "train",
 ) -> tuple[datasets.Dataset, PrepStats]:
-    """Tokenize a raw dataset. Returns the kept rows (input_ids, trained_mask) and the counts."""
+    """Tokenize a raw dataset. Returns the kept rows (input_ids, labels) and the counts."""
     if len(dataset) == 0:
         raise ChatSFTError(f"the {name} dataset is empty", source=source)
     if formatting_func is not None:
