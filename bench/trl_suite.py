@@ -1,12 +1,14 @@
 """TRL 1.16's own SFT tests, run offline against TRL and against chatsft.
 
-TRL's ``tests/test_sft_trainer.py`` loads tiny models (``trl-internal-testing/tiny-*``) and small
-datasets (``trl-internal-testing/zen`` and friends) from the Hugging Face Hub. ``build`` writes local
-stand-ins for them; ``run`` runs pytest on a copy of the TRL test folder with the Hub switched off.
+TRL's ``tests/test_sft_trainer.py`` loads tiny models (``trl-internal-testing/tiny-*``) and
+small datasets (``trl-internal-testing/zen`` and friends) from the Hugging Face Hub. ``build``
+writes local stand-ins for them; ``run`` runs pytest on a copy of the TRL test folder with the Hub
+switched off.
 
     python bench/trl_suite.py build --out /work/trl_suite/hf_home
     python bench/trl_suite.py run --tests /work/trl_suite/tests --target trl --json trl.json
-    python bench/trl_suite.py run --tests /work/trl_suite/tests --target chatsft --json chatsft.json
+    python bench/trl_suite.py run --tests /work/trl_suite/tests --target chatsft --json chatsft.json \
+        [--chatsft-ref HEAD]   # a committed chatsft instead of the (possibly half-edited) tree
     python bench/trl_suite.py compare trl.json chatsft.json
 
 The TRL test files are not part of this repository: put TRL v1.16's ``tests/test_sft_trainer.py``,
@@ -37,12 +39,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -77,9 +81,21 @@ ZEN = [  # (prompt, completion, rejected completion); text = prompt + completion
     ("Although that way may not be obvious at first unless you're", " Dutch.", " a time traveler."),
     ("Now is", " better than never.", " never better."),
     ("Although never is often", " better than *right* now.", " not even a possibility."),
-    ("If the implementation is hard to explain,", " it's a bad idea.", " it's clearly the best choice."),
-    ("If the implementation is easy", " to explain, it may be a good idea.", " it's probably magic."),
-    ("Namespaces are one honking great", " idea -- let's do more of those!", " watermelon -- let's plant some!"),
+    (
+        "If the implementation is hard to explain,",
+        " it's a bad idea.",
+        " it's clearly the best choice.",
+    ),
+    (
+        "If the implementation is easy",
+        " to explain, it may be a good idea.",
+        " it's probably magic.",
+    ),
+    (
+        "Namespaces are one honking great",
+        " idea -- let's do more of those!",
+        " watermelon -- let's plant some!",
+    ),
 ]
 
 ZEN_QA = [
@@ -103,7 +119,10 @@ ZEN_QA = [
     ("What is better than never?", "Now is better than never."),
     ("Is never better than *right* now?", "Yes, often."),
     ("What does it mean if the implementation is hard to explain?", "It means it's a bad idea."),
-    ("What does it mean if the implementation is easy to explain?", "It means it may be a good idea."),
+    (
+        "What does it mean if the implementation is easy to explain?",
+        "It means it may be a good idea.",
+    ),
     ("Any great ideas?", "Namespaces are one honking great idea."),
 ]
 
@@ -127,74 +146,128 @@ def _toolcall_rows() -> dict:
     city = ("string", "The city for which to get the data.")
     tools = {
         "start_timer": _tool(
-            "start_timer", "Starts a timer for the specified duration in seconds.",
+            "start_timer",
+            "Starts a timer for the specified duration in seconds.",
             duration=("integer", "Duration in seconds to set the timer for."),
         ),
         "get_current_time": _tool(
-            "get_current_time", "Returns the current time in the specified location.",
+            "get_current_time",
+            "Returns the current time in the specified location.",
             location=("string", "The location for which to get the current time."),
         ),
         "get_air_quality_index": _tool(
-            "get_air_quality_index", "Returns the air quality index for the specified location.",
+            "get_air_quality_index",
+            "Returns the air quality index for the specified location.",
             location=("string", "The location for which to get the air quality index."),
         ),
         "play_music": _tool(
-            "play_music", "Plays music by the specified title and artist.",
+            "play_music",
+            "Plays music by the specified title and artist.",
             title=("string", "The title of the music to play."),
             artist=("string", "The artist of the music to play."),
         ),
         "get_weather_forecast": _tool(
-            "get_weather_forecast", "Returns the weather forecast for the specified city and date.",
-            city=city, date=("string", "The date for which to get the weather forecast."),
+            "get_weather_forecast",
+            "Returns the weather forecast for the specified city and date.",
+            city=city,
+            date=("string", "The date for which to get the weather forecast."),
         ),
         "control_light": _tool(
-            "control_light", "Controls the light in the specified room.",
+            "control_light",
+            "Controls the light in the specified room.",
             room=("string", "The room where the light should be controlled."),
             state=("string", 'The desired state of the light ("on" or "off").'),
         ),
         "create_reminder": _tool(
-            "create_reminder", "Creates a reminder for the specified time and note.",
-            time=("string", "The time for the reminder."), note=("string", "The note for the reminder."),
+            "create_reminder",
+            "Creates a reminder for the specified time and note.",
+            time=("string", "The time for the reminder."),
+            note=("string", "The note for the reminder."),
         ),
         "get_wind_conditions": _tool(
-            "get_wind_conditions", "Returns the wind conditions for the specified city.",
-            city=city, unit=("string", 'The unit of measurement for the wind speed (e.g., "mph").'),
+            "get_wind_conditions",
+            "Returns the wind conditions for the specified city.",
+            city=city,
+            unit=("string", 'The unit of measurement for the wind speed (e.g., "mph").'),
         ),
     }
     calls = [  # user, tool, arguments, tool output, answer, tools offered
-        ("Set a timer for 10 minutes.", "start_timer", {"duration": 600}, "600",
-         "Timer set for 10 minutes.", ["start_timer", "create_reminder"]),
-        ("What time is it in Tokyo?", "get_current_time", {"location": "Tokyo"}, "06:22:48",
-         "The current time in Tokyo is 06:22 AM.", ["get_current_time"]),
-        ("Is the air clean today in Lisbon?", "get_air_quality_index",
-         {"location": "Lisbon, Portugal"}, "53", "The air quality is moderate.",
-         ["get_air_quality_index", "get_weather_forecast", "get_wind_conditions"]),
-        ("Play some music.", "play_music", {"title": "Take Five", "artist": "Dave Brubeck"},
-         "{'status': 'Playing'}", "Enjoy the jazz tunes!", ["play_music", "control_light"]),
-        ("What's the weather like tomorrow in Berlin?", "get_weather_forecast",
-         {"city": "Berlin", "date": "2025-06-16"},
-         "{'temperature': 22, 'condition': 'partly cloudy'}",
-         "Tomorrow in Berlin will be partly cloudy with a high of 22°C.",
-         ["get_weather_forecast", "get_wind_conditions"]),
-        ("Turn on the living room lights.", "control_light", {"room": "living room", "state": "on"},
-         "{'state': 'on'}", "The living room lights are now on.", ["control_light"]),
-        ("Remind me to call mom at 7 PM.", "create_reminder", {"time": "19:00", "note": "Call mom"},
-         "Reminder set", "Okay, I'll remind you to call mom at 7 PM.",
-         ["start_timer", "create_reminder"]),
-        ("How strong is the wind in Chicago right now?", "get_wind_conditions",
-         {"city": "Chicago", "unit": "mph"}, "(14, 'NW')",
-         "The wind in Chicago is blowing at 14 mph from the northwest.",
-         ["get_weather_forecast", "get_wind_conditions"]),
+        (
+            "Set a timer for 10 minutes.",
+            "start_timer",
+            {"duration": 600},
+            "600",
+            "Timer set for 10 minutes.",
+            ["start_timer", "create_reminder"],
+        ),
+        (
+            "What time is it in Tokyo?",
+            "get_current_time",
+            {"location": "Tokyo"},
+            "06:22:48",
+            "The current time in Tokyo is 06:22 AM.",
+            ["get_current_time"],
+        ),
+        (
+            "Is the air clean today in Lisbon?",
+            "get_air_quality_index",
+            {"location": "Lisbon, Portugal"},
+            "53",
+            "The air quality is moderate.",
+            ["get_air_quality_index", "get_weather_forecast", "get_wind_conditions"],
+        ),
+        (
+            "Play some music.",
+            "play_music",
+            {"title": "Take Five", "artist": "Dave Brubeck"},
+            "{'status': 'Playing'}",
+            "Enjoy the jazz tunes!",
+            ["play_music", "control_light"],
+        ),
+        (
+            "What's the weather like tomorrow in Berlin?",
+            "get_weather_forecast",
+            {"city": "Berlin", "date": "2025-06-16"},
+            "{'temperature': 22, 'condition': 'partly cloudy'}",
+            "Tomorrow in Berlin will be partly cloudy with a high of 22°C.",
+            ["get_weather_forecast", "get_wind_conditions"],
+        ),
+        (
+            "Turn on the living room lights.",
+            "control_light",
+            {"room": "living room", "state": "on"},
+            "{'state': 'on'}",
+            "The living room lights are now on.",
+            ["control_light"],
+        ),
+        (
+            "Remind me to call mom at 7 PM.",
+            "create_reminder",
+            {"time": "19:00", "note": "Call mom"},
+            "Reminder set",
+            "Okay, I'll remind you to call mom at 7 PM.",
+            ["start_timer", "create_reminder"],
+        ),
+        (
+            "How strong is the wind in Chicago right now?",
+            "get_wind_conditions",
+            {"city": "Chicago", "unit": "mph"},
+            "(14, 'NW')",
+            "The wind in Chicago is blowing at 14 mph from the northwest.",
+            ["get_weather_forecast", "get_wind_conditions"],
+        ),
     ]
     messages, offered = [], []
     for user, name, arguments, output, answer, names in calls:
         call = {"type": "function", "function": {"name": name, "arguments": arguments}}
-        messages.append([
-            {"role": "user", "content": user},
-            {"role": "assistant", "tool_calls": [call]},
-            {"role": "tool", "name": name, "content": output},
-            {"role": "assistant", "content": answer},
-        ])
+        messages.append(
+            [
+                {"role": "user", "content": user},
+                {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "name": name, "content": output},
+                {"role": "assistant", "content": answer},
+            ]
+        )
         # Stored as a JSON string, as on the Hub (the test json.loads() it)
         offered.append(json.dumps([tools[n] for n in names]))
     return {"messages": messages, "tools": offered}
@@ -203,7 +276,9 @@ def _toolcall_rows() -> dict:
 def _image(seed: int):
     from PIL import Image
 
-    return Image.new("RGB", (16, 16), color=((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256))
+    return Image.new(
+        "RGB", (16, 16), color=((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256)
+    )
 
 
 def dataset_configs() -> dict[str, dict[str, dict]]:
@@ -230,10 +305,12 @@ def dataset_configs() -> dict[str, dict[str, dict]]:
         "zen": {
             "standard_language_modeling": {"text": [p + c for p, c, _ in ZEN]},
             "standard_prompt_completion": {
-                "prompt": [p for p, _, _ in ZEN], "completion": [c for _, c, _ in ZEN],
+                "prompt": [p for p, _, _ in ZEN],
+                "completion": [c for _, c, _ in ZEN],
             },
             "standard_implicit_prompt_preference": {
-                "chosen": [p + c for p, c, _ in ZEN], "rejected": [p + r for p, _, r in ZEN],
+                "chosen": [p + c for p, c, _ in ZEN],
+                "rejected": [p + r for p, _, r in ZEN],
             },
             "conversational_language_modeling": {
                 "messages": [u + a for u, a in zip(user, assistant, strict=True)],
@@ -246,7 +323,9 @@ def dataset_configs() -> dict[str, dict[str, dict]]:
                 "chat_template_kwargs": kwargs,
             },
             "prompt_completion": {
-                "prompt": user, "completion": harmony_assistant, "chat_template_kwargs": kwargs,
+                "prompt": user,
+                "completion": harmony_assistant,
+                "chat_template_kwargs": kwargs,
             },
         },
         "toolcall": {"language_modeling": _toolcall_rows()},
@@ -265,8 +344,13 @@ def dataset_configs() -> dict[str, dict[str, dict]]:
             "conversational_prompt_completion": {
                 "images": [[_image(i), _image(i + 1)][: 1 + i % 2] for i in range(len(ZEN_QA))],
                 "prompt": [
-                    [{"role": "user", "content": [{"type": "image"}] * (1 + i % 2)
-                      + [{"type": "text", "text": q}]}]
+                    [
+                        {
+                            "role": "user",
+                            "content": [{"type": "image"}] * (1 + i % 2)
+                            + [{"type": "text", "text": q}],
+                        }
+                    ]
                     for i, (q, _) in enumerate(ZEN_QA)
                 ],
                 "completion": [text_turn(a) for _, a in ZEN_QA],
@@ -290,7 +374,9 @@ def build_datasets(root: Path) -> None:
             for split, part in splits.items():
                 part.to_parquet(str(folder / config / f"{split}-00000-of-00001.parquet"))
                 lines += [f"  - split: {split}", f"    path: {config}/{split}-*.parquet"]
-        (folder / "README.md").write_text("\n".join([*lines, "---", f"Stand-in for {ORG}/{repo}.", ""]))
+        (folder / "README.md").write_text(
+            "\n".join([*lines, "---", f"Stand-in for {ORG}/{repo}.", ""])
+        )
         print(f"dataset {ORG}/{repo}: {', '.join(configs)}")
 
 
@@ -299,20 +385,49 @@ def build_datasets(root: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 QWEN2_5_SPECIALS = [  # ids 151643.. in Qwen2.5's tokenizer
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
 ]
 QWEN3_SPECIALS = [*QWEN2_5_SPECIALS, "<tool_response>", "</tool_response>", "<think>", "</think>"]
 R1_DISTILL_SPECIALS = [  # ids 151643.. in DeepSeek-R1-Distill-Qwen's tokenizer
-    "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜begin▁of▁sentence｜>", "<|EOT|>",
-    "<think>", "</think>",
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<｜begin▁of▁sentence｜>",
+    "<|EOT|>",
+    "<think>",
+    "</think>",
 ]
 QWEN_FIRST_SPECIAL_ID = 151643
 # Added tokens that are text, not control tokens (kept by decode(skip_special_tokens=True))
-NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"}
+NOT_SPECIAL = {
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+}
 TEMPLATE_TOKEN = re.compile(
     r"<\|[A-Za-z0-9_]+\|>|<｜[^｜]+｜>|\[gMASK\]|<sop>|</?think>|</?tool_call>|</?tool_response>"
 )
@@ -337,7 +452,8 @@ def _corpus() -> list[str]:
     texts += [json.dumps(row) for row in _toolcall_rows()["messages"]] + _toolcall_rows()["tools"]
     texts += [
         "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-        HARMONY_IDENTITY, "system user assistant tool developer Reasoning: low medium high",
+        HARMONY_IDENTITY,
+        "system user assistant tool developer Reasoning: low medium high",
         "Recall the Zen of Python: ### Question: ### Answer: ### Chosen: ### Rejected:",
     ]
     return texts
@@ -352,7 +468,9 @@ def _trained_bpe():
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=3000, min_frequency=1, show_progress=False,
+            vocab_size=3000,
+            min_frequency=1,
+            show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         tok.train_from_iterator(_corpus() * 2, trainer)
@@ -392,7 +510,11 @@ def make_tokenizer(
     if first_special_id is not None:
         assert tok.token_to_id(wanted[0]) == first_special_id, "special token ids are off"
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
         model_max_length=131072,
     )
     if chat_template is not None:
@@ -403,153 +525,281 @@ def make_tokenizer(
 def trl_template(name: str) -> str:
     import trl
 
-    return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8")
+    return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text(
+        encoding="utf-8"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
 
-SMALL = {"hidden_size": 8, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
-         "intermediate_size": 32}
+SMALL = {
+    "hidden_size": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "intermediate_size": 32,
+}
 MOE = {"moe_intermediate_size": 16, "num_experts_per_tok": 2}
 
 
 def model_specs() -> dict[str, dict]:
     """``{repo_id: spec}``: architecture (``model_type``), config overrides and tokenizer."""
-    qwen2_5 = {"specials": QWEN2_5_SPECIALS, "eos": "<|im_end|>", "pad": "<|endoftext|>",
-               "chat_template": trl_template("qwen2_5"), "first_special_id": QWEN_FIRST_SPECIAL_ID}
+    qwen2_5 = {
+        "specials": QWEN2_5_SPECIALS,
+        "eos": "<|im_end|>",
+        "pad": "<|endoftext|>",
+        "chat_template": trl_template("qwen2_5"),
+        "first_special_id": QWEN_FIRST_SPECIAL_ID,
+    }
     qwen3 = {**qwen2_5, "specials": QWEN3_SPECIALS, "chat_template": trl_template("qwen3")}
-    qwen_generation = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}
+    qwen_generation = {
+        "bos_token_id": 151643,
+        "eos_token_id": [151645, 151643],
+        "pad_token_id": 151643,
+    }
     specs = {
         f"{ORG}/tiny-Qwen2ForCausalLM-2.5": {
-            "model_type": "qwen2", "config": {**SMALL, "vocab_size": 152064},
-            "tokenizer": qwen2_5, "generation": qwen_generation,
+            "model_type": "qwen2",
+            "config": {**SMALL, "vocab_size": 152064},
+            "tokenizer": qwen2_5,
+            "generation": qwen_generation,
         },
         f"{ORG}/tiny-Qwen2ForCausalLM-R1-Distill": {
-            "model_type": "qwen2", "config": {**SMALL, "vocab_size": 152064},
-            "tokenizer": {"specials": R1_DISTILL_SPECIALS, "bos": "<｜begin▁of▁sentence｜>",
-                          "eos": "<｜end▁of▁sentence｜>", "pad": "<｜end▁of▁sentence｜>",
-                          "chat_template": trl_template("deepseek_r1_distill"),
-                          "first_special_id": QWEN_FIRST_SPECIAL_ID},
+            "model_type": "qwen2",
+            "config": {**SMALL, "vocab_size": 152064},
+            "tokenizer": {
+                "specials": R1_DISTILL_SPECIALS,
+                "bos": "<｜begin▁of▁sentence｜>",
+                "eos": "<｜end▁of▁sentence｜>",
+                "pad": "<｜end▁of▁sentence｜>",
+                "chat_template": trl_template("deepseek_r1_distill"),
+                "first_special_id": QWEN_FIRST_SPECIAL_ID,
+            },
         },
         f"{ORG}/tiny-Qwen3ForCausalLM": {
-            "model_type": "qwen3", "config": {**SMALL, "head_dim": 8, "vocab_size": 151936},
-            "tokenizer": qwen3, "generation": qwen_generation,
+            "model_type": "qwen3",
+            "config": {**SMALL, "head_dim": 8, "vocab_size": 151936},
+            "tokenizer": qwen3,
+            "generation": qwen_generation,
         },
         f"{ORG}/tiny-Qwen3MoeForCausalLM": {
             "model_type": "qwen3_moe",
-            "config": {**SMALL, **MOE, "head_dim": 8, "num_local_experts": 4, "num_experts": 4,
-                       "vocab_size": 151936},
-            "tokenizer": qwen3, "generation": qwen_generation,
+            "config": {
+                **SMALL,
+                **MOE,
+                "head_dim": 8,
+                "num_local_experts": 4,
+                "num_experts": 4,
+                "vocab_size": 151936,
+            },
+            "tokenizer": qwen3,
+            "generation": qwen_generation,
         },
         f"{ORG}/tiny-DeepseekV3ForCausalLM": {
             "model_type": "deepseek_v3",
-            "config": {**SMALL, **MOE, "num_key_value_heads": 4, "n_routed_experts": 4,
-                       "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
-                       "first_k_dense_replace": 1, "kv_lora_rank": 8, "q_lora_rank": 8,
-                       "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 4,
-                       "num_nextn_predict_layers": 0},
-            "tokenizer": {"specials": [], "bos": "<｜begin▁of▁sentence｜>",
-                          "eos": "<｜end▁of▁sentence｜>", "pad": "<｜end▁of▁sentence｜>",
-                          "chat_template": trl_template("deepseekv3")},
+            "config": {
+                **SMALL,
+                **MOE,
+                "num_key_value_heads": 4,
+                "n_routed_experts": 4,
+                "n_shared_experts": 1,
+                "n_group": 1,
+                "topk_group": 1,
+                "first_k_dense_replace": 1,
+                "kv_lora_rank": 8,
+                "q_lora_rank": 8,
+                "qk_rope_head_dim": 4,
+                "qk_nope_head_dim": 4,
+                "v_head_dim": 4,
+                "num_nextn_predict_layers": 0,
+            },
+            "tokenizer": {
+                "specials": [],
+                "bos": "<｜begin▁of▁sentence｜>",
+                "eos": "<｜end▁of▁sentence｜>",
+                "pad": "<｜end▁of▁sentence｜>",
+                "chat_template": trl_template("deepseekv3"),
+            },
         },
         f"{ORG}/tiny-GptOssForCausalLM": {
             "model_type": "gpt_oss",
-            "config": {**SMALL, "head_dim": 8, "num_local_experts": 4, "num_experts_per_tok": 2,
-                       "sliding_window": 16},
-            "tokenizer": {"specials": ["<|startoftext|>", "<|endoftext|>"], "bos": "<|startoftext|>",
-                          "eos": "<|return|>", "pad": "<|endoftext|>",
-                          "chat_template": trl_template("gptoss")},
+            "config": {
+                **SMALL,
+                "head_dim": 8,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "sliding_window": 16,
+            },
+            "tokenizer": {
+                "specials": ["<|startoftext|>", "<|endoftext|>"],
+                "bos": "<|startoftext|>",
+                "eos": "<|return|>",
+                "pad": "<|endoftext|>",
+                "chat_template": trl_template("gptoss"),
+            },
         },
         f"{ORG}/tiny-Cohere2ForCausalLM": {
             "model_type": "cohere2",
             "config": {**SMALL, "hidden_size": 16, "head_dim": 4, "sliding_window": 16},
-            "tokenizer": {"specials": ["<PAD>", "<UNK>", "<BOS_TOKEN>"], "bos": "<BOS_TOKEN>",
-                          "eos": "<|END_OF_TURN_TOKEN|>", "pad": "<PAD>", "unk": "<UNK>",
-                          "chat_template": trl_template("cohere2")},
+            "tokenizer": {
+                "specials": ["<PAD>", "<UNK>", "<BOS_TOKEN>"],
+                "bos": "<BOS_TOKEN>",
+                "eos": "<|END_OF_TURN_TOKEN|>",
+                "pad": "<PAD>",
+                "unk": "<UNK>",
+                "chat_template": trl_template("cohere2"),
+            },
         },
         f"{ORG}/tiny-FalconMambaForCausalLM": {
             "model_type": "falcon_mamba",
-            "config": {"hidden_size": 8, "num_hidden_layers": 2, "state_size": 4, "expand": 2,
-                       "conv_kernel": 4, "time_step_rank": 2, "intermediate_size": 16},
+            "config": {
+                "hidden_size": 8,
+                "num_hidden_layers": 2,
+                "state_size": 4,
+                "expand": 2,
+                "conv_kernel": 4,
+                "time_step_rank": 2,
+                "intermediate_size": 16,
+            },
             "tokenizer": {"specials": [], "eos": "<|endoftext|>"},
         },
         f"{ORG}/tiny-Glm4MoeForCausalLM": {
             "model_type": "glm4_moe",
-            "config": {**SMALL, **MOE, "head_dim": 8, "n_routed_experts": 4, "n_shared_experts": 1,
-                       "first_k_dense_replace": 1, "num_nextn_predict_layers": 0},
-            "tokenizer": {"specials": ["<|endoftext|>"], "eos": "<|endoftext|>",
-                          "pad": "<|endoftext|>", "chat_template": trl_template("glm4moe")},
+            "config": {
+                **SMALL,
+                **MOE,
+                "head_dim": 8,
+                "n_routed_experts": 4,
+                "n_shared_experts": 1,
+                "first_k_dense_replace": 1,
+                "num_nextn_predict_layers": 0,
+            },
+            "tokenizer": {
+                "specials": ["<|endoftext|>"],
+                "eos": "<|endoftext|>",
+                "pad": "<|endoftext|>",
+                "chat_template": trl_template("glm4moe"),
+            },
         },
         f"{ORG}/tiny-NemotronHForCausalLM-nano": {
             "model_type": "nemotron_h",
-            "config": {**SMALL, **MOE, "head_dim": 8, "num_hidden_layers": 3,
-                       "layers_block_type": ["linear_attention", "moe", "full_attention"],
-                       "ssm_state_size": 4, "mamba_num_heads": 4, "mamba_head_dim": 4, "n_groups": 1,
-                       "chunk_size": 8, "n_routed_experts": 4, "n_shared_experts": 1,
-                       "moe_shared_expert_intermediate_size": 16, "use_mamba_kernels": False},
-            "tokenizer": {"specials": ["<unk>", "<s>", "</s>"], "bos": "<s>", "eos": "<|im_end|>",
-                          "unk": "<unk>", "chat_template": trl_template("nemotron_3_nano")},
+            "config": {
+                **SMALL,
+                **MOE,
+                "head_dim": 8,
+                "num_hidden_layers": 3,
+                "layers_block_type": ["linear_attention", "moe", "full_attention"],
+                "ssm_state_size": 4,
+                "mamba_num_heads": 4,
+                "mamba_head_dim": 4,
+                "n_groups": 1,
+                "chunk_size": 8,
+                "n_routed_experts": 4,
+                "n_shared_experts": 1,
+                "moe_shared_expert_intermediate_size": 16,
+                "use_mamba_kernels": False,
+            },
+            "tokenizer": {
+                "specials": ["<unk>", "<s>", "</s>"],
+                "bos": "<s>",
+                "eos": "<|im_end|>",
+                "unk": "<unk>",
+                "chat_template": trl_template("nemotron_3_nano"),
+            },
         },
         f"{ORG}/tiny-Olmo3ForCausalLM": {
-            "model_type": "olmo3", "config": {**SMALL, "sliding_window": 16},
-            "tokenizer": {"specials": ["<|endoftext|>", "<|pad|>"], "eos": "<|im_end|>",
-                          "pad": "<|pad|>", "chat_template": CHATML_TEMPLATE},
+            "model_type": "olmo3",
+            "config": {**SMALL, "sliding_window": 16},
+            "tokenizer": {
+                "specials": ["<|endoftext|>", "<|pad|>"],
+                "eos": "<|im_end|>",
+                "pad": "<|pad|>",
+                "chat_template": CHATML_TEMPLATE,
+            },
         },
         f"{ORG}/tiny-Lfm2ForCausalLM": {
             "model_type": "lfm2",
             "config": {**SMALL, "layer_types": ["conv", "full_attention"], "block_multiple_of": 8},
-            "tokenizer": {"specials": ["<|pad|>", "<|startoftext|>"], "bos": "<|startoftext|>",
-                          "eos": "<|im_end|>", "pad": "<|pad|>", "chat_template": trl_template("lfm2")},
+            "tokenizer": {
+                "specials": ["<|pad|>", "<|startoftext|>"],
+                "bos": "<|startoftext|>",
+                "eos": "<|im_end|>",
+                "pad": "<|pad|>",
+                "chat_template": trl_template("lfm2"),
+            },
         },
         f"{ORG}/tiny-Lfm2ForCausalLM-2.5": {
             "model_type": "lfm2",
             "config": {**SMALL, "layer_types": ["conv", "full_attention"], "block_multiple_of": 8},
-            "tokenizer": {"specials": ["<|pad|>", "<|startoftext|>"], "bos": "<|startoftext|>",
-                          "eos": "<|im_end|>", "pad": "<|pad|>",
-                          "chat_template": trl_template("lfm2_2_5")},
+            "tokenizer": {
+                "specials": ["<|pad|>", "<|startoftext|>"],
+                "bos": "<|startoftext|>",
+                "eos": "<|im_end|>",
+                "pad": "<|pad|>",
+                "chat_template": trl_template("lfm2_2_5"),
+            },
         },
         f"{ORG}/tiny-MistralForCausalLM-0.2": {
-            "model_type": "mistral", "config": dict(SMALL),
+            "model_type": "mistral",
+            "config": dict(SMALL),
             # no pad token, like Mistral's: the trainer falls back to eos
-            "tokenizer": {"specials": ["<unk>", "<s>", "</s>"], "bos": "<s>", "eos": "</s>",
-                          "unk": "<unk>", "chat_template": MISTRAL_TEMPLATE},
+            "tokenizer": {
+                "specials": ["<unk>", "<s>", "</s>"],
+                "bos": "<s>",
+                "eos": "</s>",
+                "unk": "<unk>",
+                "chat_template": MISTRAL_TEMPLATE,
+            },
         },
         f"{ORG}/tiny-GPTNeoXForCausalLM": {
             "model_type": "gpt_neox",
-            "config": {"hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 2,
-                       "intermediate_size": 32, "rotary_pct": 0.25},
+            "config": {
+                "hidden_size": 16,
+                "num_attention_heads": 2,
+                "num_hidden_layers": 2,
+                "intermediate_size": 32,
+                "rotary_pct": 0.25,
+            },
             # no chat template and no pad token, like the Hub one
-            "tokenizer": {"specials": ["<|endoftext|>"], "bos": "<|endoftext|>",
-                          "eos": "<|endoftext|>", "unk": "<|endoftext|>"},
+            "tokenizer": {
+                "specials": ["<|endoftext|>"],
+                "bos": "<|endoftext|>",
+                "eos": "<|endoftext|>",
+                "unk": "<|endoftext|>",
+            },
         },
         f"{ORG}/tiny-RemoteForCausalLM": {
-            "model_type": "qwen2", "config": {**SMALL, "vocab_size": 152064}, "tokenizer": qwen2_5,
+            "model_type": "qwen2",
+            "config": {**SMALL, "vocab_size": 152064},
+            "tokenizer": qwen2_5,
             "remote": True,
         },
         "Qwen/Qwen3-4B": {  # only its tokenizer is used (chat_template_path="Qwen/Qwen3-4B")
-            "model_type": "qwen3", "config": {**SMALL, "head_dim": 8, "vocab_size": 151936},
-            "tokenizer": qwen3, "tokenizer_only": True,
+            "model_type": "qwen3",
+            "config": {**SMALL, "head_dim": 8, "vocab_size": 151936},
+            "tokenizer": qwen3,
+            "tokenizer_only": True,
         },
     }
     return specs
 
 
-REMOTE_CONFIG = '''from transformers import Qwen2Config
+REMOTE_CONFIG = """from transformers import Qwen2Config
 
 
 class RemoteConfig(Qwen2Config):
     model_type = "remote"
-'''
-REMOTE_MODELING = '''from transformers import Qwen2ForCausalLM
+"""
+REMOTE_MODELING = """from transformers import Qwen2ForCausalLM
 
 from .configuration_remote import RemoteConfig
 
 
 class RemoteForCausalLM(Qwen2ForCausalLM):
     config_class = RemoteConfig
-'''
+"""
 
 
 def _fake_sha(text: str) -> str:
@@ -598,9 +848,12 @@ def build_model(hub: Path, repo_id: str, spec: dict) -> None:
         (folder / "modeling_remote.py").write_text(REMOTE_MODELING)
         config_json = json.loads((folder / "config.json").read_text())
         config_json.update(
-            model_type="remote", architectures=["RemoteForCausalLM"],
-            auto_map={"AutoConfig": "configuration_remote.RemoteConfig",
-                      "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM"},
+            model_type="remote",
+            architectures=["RemoteForCausalLM"],
+            auto_map={
+                "AutoConfig": "configuration_remote.RemoteConfig",
+                "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM",
+            },
         )
         (folder / "config.json").write_text(json.dumps(config_json, indent=2))
     if repo_id == f"{ORG}/tiny-Qwen2ForCausalLM-2.5":
@@ -620,8 +873,10 @@ def check_model(repo_id: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(repo_id)
-    model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        repo_id, dtype=torch.float32, trust_remote_code=True
+    )
     batch = tokenizer(["Beautiful is better than ugly."], return_tensors="pt")
     loss = model(**batch, labels=batch["input_ids"]).loss
     loss.backward()
@@ -659,6 +914,17 @@ def _first_line(text: str | None) -> str:
     return ""
 
 
+def _error_line(message: str | None, text: str | None) -> str:
+    """The exception's first line; for pytest.raises/warns mismatches, plus what was raised."""
+    line = _first_line(message) or _first_line(text)
+    if "did not match" in line or "DID NOT" in line:
+        for extra in (message or text or "").splitlines():
+            extra = extra.strip()
+            if extra.startswith(("Actual message:", "Emitted warnings:")):
+                line += " | " + extra
+    return line
+
+
 def parse_junit(path: Path) -> dict[str, dict]:
     results = {}
     for case in ET.parse(path).getroot().iter("testcase"):
@@ -668,7 +934,7 @@ def parse_junit(path: Path) -> dict[str, dict]:
         for child in case:
             if child.tag in ("failure", "error"):
                 outcome = "failed" if child.tag == "failure" else "error"
-                error = _first_line(child.get("message")) or _first_line(child.text)
+                error = _error_line(child.get("message"), child.text)
             elif child.tag == "skipped":
                 outcome = "xfailed" if child.get("type") == "pytest.xfail" else "skipped"
                 error = _first_line(child.get("message"))
@@ -687,20 +953,41 @@ def run(args: argparse.Namespace) -> None:
     test_files = sorted(copy.glob("test_*.py"))
     if args.target == "chatsft":
         for path in test_files:
-            source, count = TRL_IMPORT.subn("from chatsft import SFTConfig, SFTTrainer", path.read_text())
+            source, count = TRL_IMPORT.subn(
+                "from chatsft import SFTConfig, SFTTrainer", path.read_text()
+            )
             if count != 1:
                 sys.exit(f"{path.name}: expected one `from trl import SFTConfig, SFTTrainer` line")
             path.write_text(source)
     env = {
         **os.environ,
-        "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_DISABLED": "true",
-        "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads),
-        "MKL_NUM_THREADS": str(args.threads), "PYTHONDONTWRITEBYTECODE": "1",
+        "HF_HOME": str(home),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "WANDB_DISABLED": "true",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "PYTHONDONTWRITEBYTECODE": "1",
     }
+    source = chatsft_source(args, work, env) if args.target == "chatsft" else "n/a"
     junit = work / "junit.xml"
-    cmd = [sys.executable, "-m", "pytest", *map(str, test_files), "-p", "no:cacheprovider",
-           "-q", "--no-header", "-rN", f"--junitxml={junit}", "-o", "junit_logging=no"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *map(str, test_files),
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "--no-header",
+        "-rN",
+        f"--junitxml={junit}",
+        "-o",
+        "junit_logging=no",
+    ]
     if args.k:
         cmd += ["-k", args.k]
     cmd += args.pytest_args
@@ -712,13 +999,74 @@ def run(args: argparse.Namespace) -> None:
     print_table(args.target, results)
     if args.json:
         totals = Counter(r["outcome"] for r in results.values())
-        Path(args.json).write_text(json.dumps(
-            {"target": args.target, "tests_dir": str(tests), "totals": dict(totals), "tests": results},
-            indent=1,
-        ))
-        print(f"wrote {args.json}")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "target": args.target,
+                    "tests_dir": str(tests),
+                    "versions": {**versions(), "chatsft_source": source},
+                    "totals": dict(totals),
+                    "tests": results,
+                },
+                indent=1,
+            )
+        )
+        shutil.copy(junit, Path(args.json).with_suffix(".junit.xml"))
+        print(f"wrote {args.json} (and the pytest JUnit report beside it)")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def chatsft_source(args: argparse.Namespace, work: Path, env: dict[str, str]) -> str:
+    """Which chatsft the tests import: the working tree (the editable install), or with
+    ``--chatsft-ref`` a ``git archive`` of that commit put first on PYTHONPATH (stable while
+    someone edits the tree)."""
+    repo = Path(__file__).resolve().parents[1]
+    git = ["git", "-C", str(repo)]
+    if args.chatsft_ref:
+        sha = subprocess.run(
+            [*git, "rev-parse", "--short", args.chatsft_ref], capture_output=True, text=True
+        )
+        if sha.returncode != 0:
+            sys.exit(f"--chatsft-ref {args.chatsft_ref}: {sha.stderr.strip()}")
+        archive = subprocess.run([*git, "archive", sha.stdout.strip(), "src"], capture_output=True)
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(work / "chatsft", filter="data")
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(work / "chatsft" / "src"), env.get("PYTHONPATH")) if p
+        )
+        source = f"git {args.chatsft_ref} = {sha.stdout.strip()}"
+    else:
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "src"], capture_output=True, text=True
+        )
+        source = f"working tree at {head.stdout.strip()}" + (
+            " (src modified)" if dirty.stdout else ""
+        )
+    where = subprocess.run(
+        [sys.executable, "-c", "import chatsft; print(chatsft.__file__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    print(f"chatsft: {source}, imported from {where.stdout.strip() or where.stderr[-300:]}")
+    return source
+
+
+def versions() -> dict[str, str]:
+    """Package versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("trl", "chatsft", "transformers", "torch", "datasets", "peft", "accelerate"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
 
 
 def print_table(target: str, results: dict[str, dict]) -> None:
@@ -743,12 +1091,16 @@ def compare(args: argparse.Namespace) -> None:
             print(f"{t}\n    {r['outcome']}: {r['error'][:200]}")
     print("\n== fail under both (trl's error)")
     for t, r in trl.items():
-        if r["outcome"] in ("failed", "error") and ours.get(t, {}).get("outcome") in ("failed", "error"):
+        if r["outcome"] in ("failed", "error") and ours.get(t, {}).get("outcome") in (
+            "failed",
+            "error",
+        ):
             print(f"{t}\n    {r['error'][:200]}")
     print("\n== pass under chatsft, not under trl")
     for t, r in ours.items():
         if r["outcome"] == "passed" and trl.get(t, {}).get("outcome") != "passed":
-            print(f"{t}  (trl: {trl.get(t, {}).get('outcome')}: {trl.get(t, {}).get('error', '')[:120]})")
+            theirs = trl.get(t, {})
+            print(f"{t}  (trl: {theirs.get('outcome')}: {theirs.get('error', '')[:120]})")
     skipped = [t for t, r in trl.items() if r["outcome"] in ("skipped", "xfailed")]
     print(f"\n== skipped under trl: {len(skipped)}")
     for t in skipped:
@@ -759,16 +1111,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build", help="write the stand-in models and datasets")
-    p.add_argument("--out", default=str(DEFAULT_HOME), help="HF_HOME to write (default: %(default)s)")
+    p.add_argument(
+        "--out", default=str(DEFAULT_HOME), help="HF_HOME to write (default: %(default)s)"
+    )
     p.add_argument("--only", nargs="*", help="build only the models whose id contains one of these")
     p = sub.add_parser("run", help="run the TRL tests against trl or chatsft")
-    p.add_argument("--tests", required=True, help="folder holding TRL's test_sft_trainer.py & helpers")
+    p.add_argument(
+        "--tests", required=True, help="folder holding TRL's test_sft_trainer.py & helpers"
+    )
     p.add_argument("--target", choices=["trl", "chatsft"], required=True)
     p.add_argument("--hf-home", default=str(DEFAULT_HOME), help="stand-ins (default: %(default)s)")
     p.add_argument("--json", help="write {test id: outcome, first error line} here")
     p.add_argument("-k", help="pytest -k expression")
     p.add_argument("--threads", type=int, default=1, help="OMP threads for torch (default: 1)")
     p.add_argument("--keep", action="store_true", help="keep the temporary copy of the tests")
+    p.add_argument(
+        "--chatsft-ref",
+        help="test this commit of chatsft (git archive of src/) instead of the working tree",
+    )
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     p = sub.add_parser("compare", help="diff two run JSONs")
     p.add_argument("trl_json")

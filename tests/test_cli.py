@@ -12,7 +12,8 @@ import yaml
 from conftest import chats, offline_env
 
 from chatsft.cli import main
-from chatsft.run_config import load_run_config
+from chatsft.cli.parser import parse
+from chatsft.cli.train import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,9 +135,9 @@ def test_every_example_config_loads(path):
     assert first.startswith("# chatsft ") or first.startswith("# accelerate "), (
         "first line: the command"
     )
-    # bf16 is checked against the hardware when SFTConfig is built; this CPU machine has none.
-    run = load_run_config(str(path), ["--bf16", "false"])
-    assert run.model and run.dataset
+    # training=False: bf16 is not checked against this CPU machine's hardware.
+    script, _, model_args, _ = parse(build_parser(), [str(path)], training=False).values
+    assert model_args.model_name_or_path and script.dataset_name
 
 
 def test_streaming_from_the_cli(tmp_path, model_dir, capsys):
@@ -190,7 +191,6 @@ def test_resume_continues_from_the_newest_checkpoint(tmp_path, model_dir, capsys
 
 @pytest.mark.parametrize("value", ["None", "none", "null"])
 def test_max_length_none_on_the_command_line_means_no_limit(value):
-    from chatsft.run_config import load_run_config
-
-    run = load_run_config(None, ["--model", "m", "--dataset", "d.jsonl", "--max_length", value])
-    assert run.sft.max_length is None
+    argv = ["--model", "m", "--dataset", "d.jsonl", "--max_length", value]
+    _, sft, _, _ = parse(build_parser(), argv).values
+    assert sft.max_length is None

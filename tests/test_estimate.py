@@ -1,9 +1,8 @@
 """chatsft.estimate against reality: checkpoint files written by a real SFTTrainer run, exact
-parameter counts, fitting the batch to a budget, and the CLI."""
+parameter counts, fitting the batch to a budget, and `chatsft estimate` (the CLI)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -14,7 +13,8 @@ from conftest import chats, make_model
 from peft import LoraConfig
 
 from chatsft import ChatSFTError, SFTConfig, SFTTrainer
-from chatsft.estimate import add_estimate_parser, estimate, fit_batch, parse_memory
+from chatsft.cli import main
+from chatsft.estimate import estimate, fit_batch, parse_memory
 
 MiB = 2**20
 
@@ -174,60 +174,192 @@ def test_parse_memory():
 
 
 def run_cli(argv, capsys):
-    parser = argparse.ArgumentParser(prog="chatsft")
-    add_estimate_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    code = args.func(args)
-    return code, capsys.readouterr().out
+    """`chatsft estimate ARGV` through the dispatcher: (exit code, stdout, stderr)."""
+    code = main(["estimate", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write_yaml(path, values):
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
 
 
 def test_cli_json_from_flags(model_dir, capsys):
-    argv = ["estimate", "--model", model_dir, "--max-length", "64", "--batch-size", "2", "--json"]
-    code, out = run_cli(argv, capsys)
+    argv = ["--model", model_dir, "--max_length", "64", "--per_device_train_batch_size", "2"]
+    code, out, _ = run_cli([*argv, "--json"], capsys)
     data = json.loads(out)
     assert code == 0
     assert data["settings"]["batch_size"] == 2 and data["peak_bytes"] > data["memory"]["weights"]
     assert any(f["name"] == "optimizer.pt" for f in data["checkpoint_files"])
+    # The older dashed spellings give the same run.
+    old = ["--model", model_dir, "--max-length", "64", "--batch-size", "2", "--json"]
+    code, out, _ = run_cli(old, capsys)
+    assert code == 0 and json.loads(out) == data
+
+
+def test_cli_older_spellings(tmp_path, model_dir, capsys):
+    code, out, _ = run_cli(
+        [
+            *("--model", model_dir, "--max-length", "64", "--batch-size", "2"),
+            *(
+                "--optimizer",
+                "sgd",
+                "--save-total-limit",
+                "2",
+                "--gradient-accumulation-steps",
+                "3",
+            ),
+            *("--gradient-checkpointing", "--every-n-layers", "2", "--world-size", "2", "--json"),
+        ],
+        capsys,
+    )
+    settings = json.loads(out)["settings"]
+    assert code == 0
+    assert settings["optimizer"] == "sgd" and settings["save_total_limit"] == 2
+    assert settings["gradient_accumulation_steps"] == 3 and settings["world_size"] == 2
+    assert settings["gradient_checkpointing"] and settings["every_n_layers"] == 2
+    cfg = write_yaml(tmp_path / "lora.yaml", {"model": model_dir, "use_peft": True, "lora_r": 8})
+    # --lora-r 0: no LoRA, the full model trains; comma-separated target modules.
+    code, out, _ = run_cli([cfg, "--lora-r", "0", "--json"], capsys)
+    assert code == 0 and json.loads(out)["settings"]["lora_r"] is None
+    code, out, _ = run_cli([cfg, "--lora-target-modules", "q_proj,v_proj", "--json"], capsys)
+    settings = json.loads(out)["settings"]
+    assert settings["lora_r"] == 8 and settings["lora_target_modules"] == ["q_proj", "v_proj"]
 
 
 def test_cli_reads_the_train_yaml_and_fits(tmp_path, model_dir, capsys):
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "model": model_dir,
-                "dataset": "unused.jsonl",
-                "max_length": 256,
-                "per_device_train_batch_size": "auto",
-                "save_total_limit": 2,
-                "optim": "adamw_torch",
-            }
-        )
+    cfg = write_yaml(
+        tmp_path / "run.yaml",
+        {
+            "model": model_dir,
+            "dataset": "unused.jsonl",
+            "max_length": 256,
+            "per_device_train_batch_size": "auto",
+            "save_total_limit": 2,
+            "optim": "adamw_torch",
+        },
     )
-    code, out = run_cli(
-        ["estimate", str(cfg), "--memory", "8GiB", "--effective-batch-size", "4"], capsys
-    )
+    code, out, _ = run_cli([cfg, "--memory", "8GiB", "--effective_batch_size", "4"], capsys)
     assert code == 0
     assert "fit: per_device_train_batch_size=4 gradient_accumulation_steps=1" in out
     assert "optimizer.pt" in out and "because" in out
-    cfg.write_text(yaml.safe_dump({"model": model_dir, "use_peft": True, "lora_r": 8}))
-    code, out = run_cli(["estimate", str(cfg), "--json"], capsys)
+    # A number on the command line overrides the file's auto: no fit.
+    code, out, _ = run_cli([cfg, "--per_device_train_batch_size", "3", "--json"], capsys)
+    assert code == 0 and json.loads(out)["settings"]["batch_size"] == 3
+    cfg = write_yaml(tmp_path / "lora.yaml", {"model": model_dir, "use_peft": True, "lora_r": 8})
+    code, out, _ = run_cli(["--config", cfg, "--json"], capsys)
     data = json.loads(out)
     assert (
         data["settings"]["lora_r"] == 8 and data["settings"]["lora_target_modules"] == "all-linear"
     )
     assert any(f["name"] == "adapter_model.safetensors" for f in data["checkpoint_files"])
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "model": model_dir,
-                "activation_checkpointing": True,
-                "activation_checkpointing_kwargs": {"every_n_layers": 2},
-            }
-        )
+    cfg = write_yaml(
+        tmp_path / "gc.yaml",
+        {
+            "model": model_dir,
+            "activation_checkpointing": True,
+            "activation_checkpointing_kwargs": {"every_n_layers": 2},
+        },
     )
-    code, out = run_cli(["estimate", str(cfg), "--json"], capsys)
+    code, out, _ = run_cli([cfg, "--json"], capsys)
     assert json.loads(out)["settings"]["every_n_layers"] == 2
-    cfg.write_text(yaml.safe_dump({"model": model_dir, "max_lenght": 8}))
-    with pytest.raises(ChatSFTError, match="did you mean 'max_length'"):
-        run_cli(["estimate", str(cfg)], capsys)
+    cfg = write_yaml(tmp_path / "typo.yaml", {"model": model_dir, "max_lenght": 8})
+    code, out, err = run_cli([cfg], capsys)
+    assert code == 2 and "did you mean 'max_length'" in err and len(err.splitlines()) == 1
+
+
+def test_cli_batch_auto_as_a_flag_checkpoints_only_when_it_must(tokenizer, tmp_path, capsys):
+    model = make_model(tokenizer, hidden=64, layers=4)
+    model.save_pretrained(tmp_path / "m")
+    model_dir = str(tmp_path / "m")
+    plain = estimate(model_dir, max_length=512, batch_size=1)
+    gc = estimate(model_dir, max_length=512, batch_size=1, gradient_checkpointing=True)
+    budget = str((plain.peak_bytes + gc.peak_bytes) // 2)  # fits only with checkpointing
+    argv = ["--model", model_dir, "--max_length", "512", "--memory", budget]
+    fit = [*argv, "--per_device_train_batch_size", "auto", "--effective_batch_size", "2"]
+    code, out, _ = run_cli([*fit, "--json"], capsys)
+    result = json.loads(out)
+    assert code == 0 and result["gradient_checkpointing"] and result["batch_size"] >= 1
+    # --no-gradient-checkpointing (the older flag) keeps it off, so nothing fits.
+    code, _, err = run_cli([*fit, "--no-gradient-checkpointing"], capsys)
+    assert code == 2 and "even micro-batch 1 needs" in err
+    # Without auto, --memory only says whether the configured batch fits.
+    code, out, _ = run_cli([*argv, "--per_device_train_batch_size", "1"], capsys)
+    assert code == 0 and "does NOT fit" in out
+
+
+def test_cli_bf16_config_runs_on_a_cpu_machine(tmp_path, model_dir, capsys):
+    """bf16/fp16 are what the run will use on its GPU; this machine's hardware is not asked."""
+    cfg = write_yaml(
+        tmp_path / "gpu.yaml",
+        {"model_name_or_path": model_dir, "dataset_name": "unused.jsonl", "bf16": True},
+    )
+    code, out, err = run_cli([cfg, "--max_length", "64", "--device", "cuda", "--json"], capsys)
+    assert code == 0, err
+    settings = json.loads(out)["settings"]
+    assert settings["mixed_precision"] == "bf16" and settings["device"] == "cuda"
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--world_size", "two"], "world_size"),
+        (["--device", "gpu"], "invalid choice"),
+        (["--dtype", "float64"], "invalid choice"),
+        (["--optim", "adamw_nope"], "invalid choice"),
+        (["--memory", "lots"], "memory"),
+        (["--effective_batch_size", "8"], "per_device_train_batch_size auto"),
+        (["--max_length", "None"], "max_length"),
+    ],
+)
+def test_cli_bad_values_are_one_line_and_exit_2(model_dir, capsys, argv, words):
+    code, out, err = run_cli(["--model", model_dir, *argv], capsys)
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and words in err, err
+
+
+def test_estimate_and_train_read_the_same_config(tmp_path, model_dir, capsys):
+    """One YAML, two commands: the run `chatsft estimate` sizes is the run `chatsft train` builds
+    (max_length, batch, accumulation, LoRA), with train-only keys accepted."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from chatsft.cli.build import peft_config
+    from chatsft.cli.parser import parse
+    from chatsft.cli.train import build_parser
+    from chatsft.config import ModelConfig
+
+    cfg = write_yaml(
+        tmp_path / "run.yaml",
+        {
+            "model_name_or_path": model_dir,
+            "dataset_name": "unused.jsonl",
+            "output_dir": str(tmp_path / "out"),
+            "torch_num_threads": 1,
+            "max_length": 96,
+            "per_device_train_batch_size": 3,
+            "gradient_accumulation_steps": 2,
+            "use_peft": True,
+            "lora_r": 4,
+            "lora_alpha": 8,
+            "lora_target_modules": ["q_proj", "v_proj"],
+        },
+    )
+    parsed = parse(build_parser(), [cfg], training=False)
+    sft = next(v for v in parsed.values if isinstance(v, SFTConfig))
+    model_args = next(v for v in parsed.values if isinstance(v, ModelConfig))
+    lora = peft_config(model_args)
+    code, out, err = run_cli([cfg, "--json"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    settings = data["settings"]
+    assert settings["max_length"] == sft.max_length == 96
+    assert settings["batch_size"] == sft.per_device_train_batch_size == 3
+    assert settings["gradient_accumulation_steps"] == sft.gradient_accumulation_steps == 2
+    assert settings["lora_r"] == lora.r == 4
+    assert settings["lora_target_modules"] == sorted(lora.target_modules)
+    trained = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora)
+    assert data["trainable_params"] == sum(
+        p.numel() for p in trained.parameters() if p.requires_grad
+    )

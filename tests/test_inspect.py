@@ -3,10 +3,9 @@ collator's labels (terminal and HTML, checked in a real browser), and its warnin
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -14,16 +13,17 @@ import pytest
 from conftest import chats, dump_dom, needs_chromium, trained_mask_of
 from transformers import AutoTokenizer
 
+from chatsft.cli import main
+from chatsft.cli.inspect import parse_inspect
+from chatsft.config import ScriptArguments, SFTConfig
 from chatsft.data.formats import detect_format, normalize
 from chatsft.data.load import load_data
 from chatsft.data.packing import pack_dataset
 from chatsft.data.prepare import prepare_for_training
-from chatsft.data.tokenize import special_prefix_ids
-from chatsft.errors import ChatSFTError
-from chatsft.inspect_data import (
+from chatsft.data.tokenize import prep_options_of, special_prefix_ids
+from chatsft.inspect import (
     ANSI_MASKED,
     ANSI_TRAINED,
-    add_inspect_parser,
     attributed_tokens,
     collator_trained,
     inspect_run,
@@ -32,8 +32,9 @@ from chatsft.inspect_data import (
     use_color,
 )
 from chatsft.model.load import load_tokenizer
-from chatsft.run_config import load_run_config
 from chatsft.trainer import prep_options
+
+EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "qwen2.5-0.5b-ultrachat.yaml"
 
 # The last message is rendered differently from the same message inside a longer conversation.
 NOT_PREFIX_PRESERVING = (
@@ -48,32 +49,43 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def run_of(data: Path, tokenizer_dir: str, *overrides: str):
-    return load_run_config(None, ["--model", tokenizer_dir, "--dataset", str(data), *overrides])
+@dataclass
+class Run:
+    script: ScriptArguments
+    sft: SFTConfig
+    model: str
+
+    @property
+    def dataset(self) -> str:
+        return self.script.dataset_name
 
 
-def inspect(run, **kwargs):
+def run_of(data: Path, tokenizer_dir: str, *overrides: str) -> Run:
+    """A run's settings as `chatsft inspect DATA --model_name_or_path TOKENIZER ...` parses them."""
+    script, sft, model_args, _, _ = parse_inspect(
+        [str(data), "--model_name_or_path", tokenizer_dir, *overrides]
+    )
+    return Run(script, sft, model_args.model_name_or_path)
+
+
+def inspect(run: Run, **kwargs):
     """inspect_run with the tokenizer folder standing in for the model (as --tokenizer does)."""
-    return inspect_run(run, tokenizer=AutoTokenizer.from_pretrained(run.model), **kwargs)
+    return inspect_run(
+        run.script, run.sft, tokenizer=AutoTokenizer.from_pretrained(run.model), **kwargs
+    )
 
 
 def cli(argv: list[str]) -> int:
-    """`chatsft inspect ...` as chatsft.cli.main runs a subcommand (bad input: exit code 2)."""
-    parser = argparse.ArgumentParser(prog="chatsft")
-    add_inspect_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ChatSFTError as err:
-        print(f"chatsft: error: {err}", file=sys.stderr)
-        return 2
+    """`chatsft inspect ...` as the installed command runs it (bad input: exit code 2)."""
+    return main(argv)
 
 
-def reference(run):
+def reference(run: Run):
     """What training's own preparation gives for the same run."""
     given = AutoTokenizer.from_pretrained(run.model)
     tok = load_tokenizer(run.model, given, eos_token=run.sft.eos_token)
     opts = prep_options(run.sft, tok)
+    assert prep_options_of(run.sft, tok.eos_token) == opts  # inspect's options are training's
     prepared, stats = prepare_for_training(load_data(run.dataset), tok, opts)
     return tok, opts, prepared, stats
 
@@ -157,12 +169,46 @@ def test_cli_prints_colour_and_writes_html(data, tokenizer_dir, tmp_path, capsys
     assert "needs a tokenizer" in capsys.readouterr().err
 
 
-def test_warns_when_eos_is_never_trained(data, tokenizer_dir):
+def test_a_gpu_config_is_inspected_on_this_machine(data, tokenizer_dir, tmp_path, capsys):
+    """The example config (bf16: true, hub model and data) with local stand-ins for the hub:
+    parsed without training's hardware checks, its settings are the ones inspected."""
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", chats(3, seed=9))
+    argv = ["inspect", str(EXAMPLE_CONFIG), "--tokenizer", tokenizer_dir]
+    argv += ["--dataset_name", str(data), "--dataset_split", "train"]
+    argv += ["--eval_dataset", str(evaluation), "--num-examples", "1", "--color", "never"]
+    assert cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "assistant_only_loss=True" in out and "max_length=2048" in out and "packing=True" in out
+    assert "train data: 11 rows read" in out and "eval data: 3 rows read" in out
+    assert "example 1 of 1" in out
+
+
+def test_command_line_settings_are_checked_before_loading(data, tokenizer_dir, capsys):
+    script, sft, model_args, args, data_form = parse_inspect(
+        [str(data), "--tokenizer", tokenizer_dir, "--sample-rows", "5", "--max_rows", "4"]
+    )
+    assert data_form and script.dataset_name == str(data) and model_args.model_name_or_path is None
+    assert (args.sample_rows, args.max_rows, args.num_examples, args.color) == (5, 4, 3, "auto")
+    for bad, why in (
+        (["--color", "purple"], "invalid choice"),
+        (["--num-examples", "-1"], "num_examples must be >= 0"),
+        (["--max_rows", "0"], "max_rows must be >= 1"),
+        (["--no_such_field", "1"], "unknown setting"),
+    ):
+        assert cli(["inspect", str(data), "--tokenizer", tokenizer_dir, *bad]) == 2
+        assert why in capsys.readouterr().err
+
+
+def test_warns_when_eos_is_never_trained(data, tokenizer_dir, capsys):
     # The template ends turns with <|im_end|>, so a different eos never appears, never trained.
-    run = run_of(data, tokenizer_dir, "--assistant_only_loss", "--eos_token", "<|endoftext|>")
-    report = inspect(run, num_examples=0)
+    overrides = ["--assistant_only_loss", "--eos_token", "<|endoftext|>"]
+    report = inspect(run_of(data, tokenizer_dir, *overrides), num_examples=0)
     (warning,) = report.warnings
     assert "'<|endoftext|>' is never trained" in warning.message and not warning.blocking
+    argv = ["inspect", str(data), "--tokenizer", tokenizer_dir, *overrides, "--num_examples", "0"]
+    assert cli(argv) == 0  # a warning alone does not fail the command
+    assert cli([*argv, "--strict"]) == 1  # unless --strict
+    assert capsys.readouterr().out.count("is never trained") == 2
 
 
 def test_warns_when_the_template_is_not_prefix_preserving(data, tokenizer_dir, tmp_path, capsys):

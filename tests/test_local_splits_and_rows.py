@@ -15,9 +15,9 @@ from test_masks import prepare, trained_text
 
 from chatsft import ChatSFTError
 from chatsft.cli import main
+from chatsft.cli.build import datasets_of
+from chatsft.config import ScriptArguments, SFTConfig
 from chatsft.data.load import load_data
-from chatsft.inspect_data import load_splits
-from chatsft.run_config import load_run_config
 
 EMPTY_SYSTEM = {
     "messages": [
@@ -93,13 +93,11 @@ def test_cli_trains_on_the_train_file_and_evaluates_on_the_test_file(
     assert "eval data: 2 rows read, 2 kept" in result.stdout, result.stdout
 
 
-def test_dataset_split_picks_one_split_of_a_folder(split_folder, tokenizer_dir):
-    run = load_run_config(
-        None,
-        ["--model", tokenizer_dir, "--dataset", str(split_folder)]
-        + ["--dataset_split", "validation", "--eval_split", "test"],
+def test_dataset_split_picks_one_split_of_a_folder(split_folder, tmp_path):
+    script = ScriptArguments(
+        dataset_name=str(split_folder), dataset_train_split="validation", eval_split="test"
     )
-    train, evaluation = load_splits(run)  # exactly as `chatsft train` loads them
+    train, evaluation = datasets_of(script, SFTConfig(output_dir=str(tmp_path)))  # as train does
     assert replies(train) == ["valid"] * 3
     assert replies(evaluation) == ["test"] * 2
     assert len(load_data(str(split_folder))) == 6  # the default split is train

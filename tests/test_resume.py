@@ -93,11 +93,14 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, model_dir):
     assert _tokens(full / "checkpoint-16") == _tokens(cut / "checkpoint-16")  # counted on
 
 
-def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, model_dir, monkeypatch):
+def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(
+    tmp_path, model_dir, monkeypatch, capsys
+):
     import transformers.modeling_utils
 
+    from chatsft.checkpoints import newest_complete_checkpoint
     from chatsft.cli import main
-    from chatsft.trainer import STAGING_DIR, newest_complete_checkpoint
+    from chatsft.trainer import STAGING_DIR
 
     data = write_jsonl(tmp_path / "d.jsonl", chats(32, seed=2))
     out = tmp_path / "o"
@@ -129,9 +132,13 @@ def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, model_
         "64",
     ]
     assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "checkpoint-4" in err[0], err
+    err = err[0]
+    assert "no space left on the device while saving checkpoint-4 (about" in err, err
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert newest_complete_checkpoint(str(out)) == str(out / "checkpoint-2")
-    assert (out / STAGING_DIR).is_dir()  # the partial save stays aside
+    assert not (out / STAGING_DIR).exists()  # the partial save is removed: it only takes space
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", real_save)
     assert main([*argv, "--resume"]) == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]

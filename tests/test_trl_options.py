@@ -113,7 +113,7 @@ def test_router_loss_coefficient_zero_turns_it_off_and_dense_models_refuse_one(t
         processing_class=tokenizer,
         train_dataset=datasets.Dataset.from_list(chats(8)),
     )
-    assert not model.config.output_router_logits and trainer._aux_coef == 0.0
+    assert not model.config.output_router_logits and trainer.router_aux_loss_coef == 0.0
     with pytest.raises(Exception, match="not a Mixture-of-Experts model"):
         SFTTrainer(
             model=make_model(tokenizer),

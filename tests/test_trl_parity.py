@@ -329,3 +329,122 @@ def test_pretokenized_labels_are_used_as_given_and_truncated(tmp_path, model_dir
     assert trainer.prep_stats["train"].dropped == {"no trained token left": 1}
     batch = trainer.data_collator([prepared[0]])
     assert batch["labels"].tolist() == [[-100, -100, 70, 80]]
+
+
+def test_model_configs_follow_the_tokenizers_pad_and_given_eos(tmp_path, tokenizer):
+    model = make_model(tokenizer)
+    model.config.pad_token_id = None
+    model.generation_config.eos_token_id = 7
+    trainer = SFTTrainer(
+        model=model,
+        args=config(tmp_path, eos_token="<|im_start|>"),
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_list(chats(4)),
+    )
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert trainer.model.config.pad_token_id == tokenizer.pad_token_id
+    assert trainer.model.generation_config.pad_token_id == tokenizer.pad_token_id
+    assert trainer.model.config.eos_token_id == start
+    assert trainer.model.generation_config.eos_token_id == [start, 7]  # added, not replaced
+
+
+def test_router_aux_loss_coef_attribute(tmp_path, tokenizer):
+    trainer = SFTTrainer(
+        model=make_model(tokenizer),
+        args=config(tmp_path),
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_list(chats(4)),
+    )
+    assert trainer.router_aux_loss_coef == 0.0 and trainer.aux_loss_enabled is False
+
+
+def test_a_chat_template_from_another_tokenizer_brings_its_special_tokens(tmp_path, tokenizer):
+    """TRL's chat_template_path may name a tokenizer folder or hub id: its template, the special
+    tokens it uses (the embeddings grow) and its EOS."""
+    from transformers import AutoTokenizer
+
+    source = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    source.add_special_tokens({"additional_special_tokens": ["<|turn|>"]})
+    source.eos_token = "<|turn|>"
+    source.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|turn|>{% endfor %}"
+    )
+    source.save_pretrained(tmp_path / "source-tokenizer")
+    model = make_model(tokenizer)
+    rows = 64 * -(-(len(tokenizer) + 1) // 64)
+    trainer = SFTTrainer(
+        model=model,
+        args=config(tmp_path, chat_template_path=str(tmp_path / "source-tokenizer")),
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_list(chats(4)),
+    )
+    turn = trainer.processing_class.convert_tokens_to_ids("<|turn|>")
+    assert trainer.processing_class.eos_token == "<|turn|>" and turn == len(tokenizer) - 1
+    assert trainer.model.get_input_embeddings().num_embeddings == rows
+    assert turn in trainer.train_dataset[0]["input_ids"]
+    trainer.train()
+
+
+def test_lora_weights_are_seeded_by_args_seed(tmp_path, model_dir):
+    from peft import LoraConfig
+
+    def lora_a():
+        trainer = SFTTrainer(
+            model=model_dir,
+            args=config(tmp_path, seed=3),
+            train_dataset=datasets.Dataset.from_list(chats(4)),
+            peft_config=LoraConfig(target_modules=["q_proj"]),
+        )
+        return next(p for n, p in trainer.model.named_parameters() if "lora_A" in n).detach()
+
+    torch.manual_seed(1)
+    first = lora_a()
+    torch.manual_seed(2)
+    assert torch.equal(first, lora_a())
+
+
+def test_skip_prepare_dataset_with_labels_uses_the_default_collator(tmp_path, model_dir):
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}, {"input_ids": [9, 10, 11]}]
+    columns = {
+        "input_ids": [r["input_ids"] for r in rows],
+        "labels": [r.get("labels") for r in rows],
+    }
+    trainer = SFTTrainer(
+        model=model_dir,
+        args=config(tmp_path, dataset_kwargs={"skip_prepare_dataset": True}, padding_free=False),
+        train_dataset=datasets.Dataset.from_dict(columns),
+    )
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    # A row without labels trains every token (as TRL's collator), its first label masked.
+    assert batch["labels"].tolist() == [[-100, 6, 7, 8], [-100, 10, 11, -100]]
+    trainer.train()
+
+
+def test_image_datasets_are_refused_with_trls_wording(tmp_path, model_dir):
+    rows = [{"messages": chats(1)[0]["messages"], "images": ["a.png"]}]
+    with pytest.raises(ValueError, match="vision-related.*vision-language model"):
+        SFTTrainer(
+            model=model_dir, args=config(tmp_path), train_dataset=datasets.Dataset.from_list(rows)
+        )
+
+
+def test_chunked_nll_is_a_deprecated_alias(tmp_path):
+    with pytest.warns(FutureWarning, match="chunked_nll"):
+        assert config(tmp_path, loss_type="chunked_nll").loss_type == "nll"
+
+
+def test_bf16_default_follows_the_hardware(tmp_path):
+    """TRL's default is bf16 unless fp16; chatsft takes it where a GPU has bf16 (none here)."""
+    assert config(tmp_path).bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert config(tmp_path, fp16=False, bf16=False).bf16 is False
+
+
+def test_packing_with_a_hub_kernel_attention_does_not_run_a_probe(tmp_path, tokenizer, monkeypatch):
+    """Attention implementations other than SDPA/eager (flash kernels, the hub's) read document
+    boundaries from position_ids; only the dense-mask path is checked by running the model."""
+    import chatsft.model.attention as attention
+
+    model = make_model(tokenizer)
+    model.config._attn_implementation = "kernels-community/flash-attn2"
+    monkeypatch.setattr(attention, "keeps_documents_apart", lambda m: pytest.fail("probed"))
+    assert attention.shared_rows_refusal(model) is None

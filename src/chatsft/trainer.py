@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import math
 import os
+import pickle
 import shutil
 import warnings
 from collections.abc import Callable
@@ -14,16 +15,17 @@ from typing import Any
 import datasets
 import torch
 import yaml
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import rotate_checkpoints
 
+from .checkpoints import newest_complete_checkpoint, save_failed, write_run_file
 from .config import SFTConfig
 from .data.collate import PaddedCollator, PaddingFreeCollator
 from .data.prepare import prepare_for_training
 from .data.streaming import ConstantLengthDataset
-from .data.tokenize import PrepOptions
+from .data.tokenize import PrepOptions, prep_options_of
 from .errors import ChatSFTError
-from .generate import generation_eval_callback_from_config
+from .generation.callback import generation_eval_callback_from_config
 from .model.attention import (
     isolates_without_dense_mask,
     shared_rows_refusal,
@@ -35,10 +37,12 @@ from .model.load import (
     half_precision_cost,
     load_model,
     load_tokenizer,
+    sync_special_tokens,
     training_init_kwargs,
 )
 from .model.loss import supervised_loss
 from .model.moe import router_aux_coef
+from .model_card import final_metrics, mask_policy, model_card, non_default_settings, plain
 from .nonfinite import NonFiniteGuard, NonFiniteStep
 
 CONFIG_FILE = "training_config.yaml"
@@ -71,12 +75,23 @@ def check_no_transform(dataset: Any, name: str) -> None:
     one draw into the tokenized data; TRL refuses this too."""
     if isinstance(dataset, datasets.Dataset) and dataset.format.get("type") == "custom":
         raise ChatSFTError(
-            f"the {name} dataset has a transform (Dataset.with_transform / set_transform); "
-            "preparation would tokenize one fixed draw of it",
+            f"the {name} dataset uses Dataset.with_transform() (or set_transform): preparation "
+            "would tokenize one fixed draw of a random transform",
             field="train_dataset" if name == "train" else "eval_dataset",
-            hint="apply deterministic transforms with Dataset.map first, or pass "
-            "dataset_kwargs={'skip_prepare_dataset': True} with a transform that returns "
-            "tokenized rows and your own data_collator",
+            hint="pass dataset_kwargs={'skip_prepare_dataset': True} with a transform that "
+            "returns trainer-ready rows (input_ids, labels), or apply deterministic transforms "
+            "with Dataset.map first",
+        )
+
+
+def check_text_only(dataset: Any) -> None:
+    """chatsft trains text-only models; TRL's error (and wording) for image data."""
+    columns = set(getattr(dataset, "column_names", None) or [])
+    if columns & {"image", "images"}:
+        raise ValueError(
+            "The dataset appears to be vision-related (it has an 'image' or 'images' column), but "
+            "chatsft trains text-only models, not a vision-language model: remove the image "
+            "columns, or train with TRL"
         )
 
 
@@ -137,18 +152,7 @@ def model_init_kwargs(
 
 
 def prep_options(args: SFTConfig, tokenizer: Any) -> PrepOptions:
-    return PrepOptions(
-        eos_token=tokenizer.eos_token,
-        dataset_text_field=args.dataset_text_field,
-        dataset_format=args.dataset_format,
-        assistant_only_loss=args.assistant_only_loss,
-        completion_only_loss=args.completion_only_loss,
-        last_turn_only=args.last_turn_only,
-        prompt_template=args.prompt_template,
-        max_length=args.max_length,
-        truncation_mode=args.truncation_mode,
-        overlong_policy=args.overlong_policy,
-    )
+    return prep_options_of(args, tokenizer.eos_token)
 
 
 def default_collator(args: SFTConfig, model: torch.nn.Module, tokenizer: Any) -> Callable:
@@ -209,6 +213,14 @@ class SFTTrainer(Trainer):
     ) -> None:
         args = as_sft_config(args)
         check_train_dataset(train_dataset)
+        check_text_only(train_dataset)
+        if isinstance(model, str) and os.path.isdir(os.path.expanduser(model)):
+            # Recorded in adapter_config.json and the model card: valid from any folder.
+            model = os.path.abspath(os.path.expanduser(model))
+        # What saved folders record: the CLI sets the settings it parsed and its command line.
+        self.run_record: dict[str, Any] | None = None
+        self.run_command: str | None = None
+        self._report: Any = None
         if args.model_init_kwargs and not isinstance(model, str):
             raise ChatSFTError(
                 "model_init_kwargs only apply when model is a hub id or a path",
@@ -222,12 +234,17 @@ class SFTTrainer(Trainer):
             eos_token=args.eos_token,
             pad_token=args.pad_token,
             trust_remote_code=args.trust_remote_code,
+            revision=(args.model_init_kwargs or {}).get("revision"),
         )
-        model = apply_peft(
-            load_model(model, model_init_kwargs(args, model, quantization_config)), peft_config
-        )
-        self._aux_coef = router_aux_coef(model, args.router_aux_loss_coef)
-        self.aux_loss_enabled = bool(self._aux_coef)  # TRL's attribute name
+        # peft draws its adapter weights at random: seed first, so a run is reproducible.
+        set_seed(args.seed)
+        model = load_model(model, model_init_kwargs(args, model, quantization_config))
+        self._say(args, sync_special_tokens(model, tokenizer, args.eos_token is not None))
+        model = apply_peft(model, peft_config)
+        self._model_name = model_name(model)
+        # TRL's attribute names: the router loss weight, and whether it is on.
+        self.router_aux_loss_coef = router_aux_coef(model, args.router_aux_loss_coef)
+        self.aux_loss_enabled = bool(self.router_aux_loss_coef)
         if hasattr(model, "add_model_tags"):  # into the model card on save / push_to_hub
             model.add_model_tags(MODEL_TAGS)
         self._say(
@@ -248,19 +265,14 @@ class SFTTrainer(Trainer):
             warnings.warn(
                 f"dataset_kwargs {sorted(extra)} are not used by chatsft; remove them", stacklevel=2
             )
-        if skip_prepare and data_collator is None:
-            raise ChatSFTError(
-                "skip_prepare_dataset needs your own data_collator",
-                field="dataset_kwargs",
-                hint="pass data_collator, or let chatsft prepare the data",
-            )
         self._skip_prepare = skip_prepare
         self._formatting_func = formatting_func
         opts = prep_options(args, tokenizer)
         if args.training_report:
             from .report import TrainingReportCallback
 
-            callbacks = [*(callbacks or []), TrainingReportCallback()]
+            self._report = TrainingReportCallback()
+            callbacks = [*(callbacks or []), self._report]
         if args.generation_eval is not None:
             # Before preparation: the prompts are cut from the raw eval rows.
             sampler = _generation_eval(args, eval_dataset, tokenizer, formatting_func)
@@ -444,7 +456,7 @@ class SFTTrainer(Trainer):
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
         mode = "train" if model.training else "eval"
-        aux = getattr(outputs, "aux_loss", None) if self._aux_coef else None
+        aux = getattr(outputs, "aux_loss", None) if self.router_aux_loss_coef else None
         if aux is not None:
             # A per-micro-batch mean (DDP averages it over ranks): averaged over the step's
             # micro-batches, so that accumulation leaves its weight unchanged (as TRL does).
@@ -453,7 +465,7 @@ class SFTTrainer(Trainer):
                 if model.training and num_items_in_batch is not None
                 else 1
             )
-            loss = loss + self._aux_coef * aux / steps
+            loss = loss + self.router_aux_loss_coef * aux / steps
             self._aux[mode].append(aux.detach().float())
         if model.training and self._guards_nonfinite():
             loss = self._nonfinite.poison(loss)
@@ -510,7 +522,17 @@ class SFTTrainer(Trainer):
                 raise ChatSFTError(
                     "no complete checkpoint to resume from", source=self.args.output_dir
                 )
-        result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if self._report is not None and self.run_record:
+            self._report.dataset_name = self.run_record.get("dataset_name")
+        try:
+            result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a file
+            raise ChatSFTError(
+                "refused to load a checkpoint file that holds objects other than tensors and "
+                f"numbers (unsafe to unpickle): {str(err).splitlines()[0][:200]}",
+                source=str(resume_from_checkpoint),
+                hint="resume only from checkpoints you trust, or train without --resume",
+            ) from None
         self._report_nonfinite()
         if self.nonfinite_steps:
             steps = ", ".join(map(str, self.nonfinite_steps))
@@ -579,6 +601,11 @@ class SFTTrainer(Trainer):
         self._get_output_dir = lambda trial=None: staging  # the Trainer saves under this root
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                write_run_file(os.path.join(staging, name), self.run_record)
+        except (OSError, RuntimeError) as err:  # a full disk: safetensors raises its own error
+            shutil.rmtree(staging, ignore_errors=True)
+            raise save_failed(err, os.path.join(run_dir, name), name, model) from None
         finally:
             del self._get_output_dir
         self.accelerator.wait_for_everyone()
@@ -601,38 +628,48 @@ class SFTTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
-        output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
-            values = self.args.to_dict()
-            # to_dict() masks every *_token field as "<..._TOKEN>"; ours are token strings.
-            values.update(eos_token=self.args.eos_token, pad_token=self.args.pad_token)
-            with open(os.path.join(output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-                yaml.safe_dump(_yaml_safe(values), f, sort_keys=True)
+            self._write_run_files(output_dir or self.args.output_dir)
 
-
-def newest_complete_checkpoint(output_dir: str) -> str | None:
-    """The highest checkpoint-N whose save finished: the Trainer writes trainer_state.json last,
-    after the weights, optimizer and RNG state, so a folder without it was cut short."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = []
-    for name in os.listdir(output_dir):
-        prefix, _, step = name.partition("-")
-        if prefix == "checkpoint" and step.isdigit():
-            steps.append(int(step))
-    for step in sorted(steps, reverse=True):
-        folder = os.path.join(output_dir, f"checkpoint-{step}")
-        weights = any(
-            os.path.exists(os.path.join(folder, f))
-            for f in (
-                "model.safetensors",
-                "adapter_model.safetensors",
-                "model.safetensors.index.json",
-            )
+    def _write_run_files(self, output_dir: str) -> None:
+        """training_config.yaml (what re-runs this training: `chatsft train` reads it back) and
+        the model card README.md (replacing peft's blank template in adapter folders)."""
+        settings = non_default_settings(self.args)
+        record = self.run_record or {"model_name_or_path": self._model_name, **settings}
+        with open(os.path.join(output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+            yaml.safe_dump(plain(record), f, sort_keys=False)
+        card = model_card(
+            base_model=self._model_name,
+            dataset=record.get("dataset_name"),
+            command=self.run_command,
+            metrics=final_metrics(self.state.log_history),
+            policy=mask_policy(self.args),
+            peft=lora_summary(self.model),
+            tags=list(getattr(_base_model(self.model), "model_tags", None) or MODEL_TAGS),
+            settings=settings,
         )
-        if weights and os.path.exists(os.path.join(folder, "trainer_state.json")):
-            return folder
-    return None
+        with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
+
+
+def model_name(model: torch.nn.Module) -> str | None:
+    """The hub id or folder a model was loaded from (None for a module built in memory)."""
+    config = getattr(_base_model(model), "config", None)
+    return getattr(config, "_name_or_path", None) or None
+
+
+def lora_summary(model: torch.nn.Module) -> dict[str, Any] | None:
+    config = (getattr(model, "peft_config", None) or {}).get("default")
+    if config is None:
+        return None
+    targets = config.target_modules
+    return {
+        "type": str(getattr(config, "peft_type", "LORA")).split(".")[-1],
+        "r": getattr(config, "r", None),
+        "alpha": getattr(config, "lora_alpha", None),
+        "dropout": getattr(config, "lora_dropout", None),
+        "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets,
+    }
 
 
 def _generation_eval(
@@ -665,13 +702,3 @@ def _forward_keys(model: torch.nn.Module) -> set[str] | None:
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return None
     return set(params)
-
-
-def _yaml_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _yaml_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_yaml_safe(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)

@@ -30,12 +30,18 @@ def _doc_lengths(example: dict[str, Any]) -> list[int]:
     return list(example.get("seq_lengths") or [len(example["input_ids"])])
 
 
+def labels_of(example: dict[str, Any]) -> list[int]:
+    """A row's labels; a row without them trains every token (as TRL's collator does)."""
+    labels = example.get("labels")
+    return example["input_ids"] if labels is None else labels
+
+
 def _check_lengths(example: dict[str, Any], index: int) -> None:
     """One label per token and seq_lengths that add up to the row: the vectorised collation would
     otherwise shift labels across examples silently."""
     n = len(example["input_ids"])
     for name, size in (
-        ("labels", len(example["labels"])),
+        ("labels", len(labels_of(example))),
         ("seq_lengths", sum(_doc_lengths(example))),
     ):
         if size != n:
@@ -67,7 +73,7 @@ class PaddedCollator:
             _check_lengths(e, i)
             n = len(e["input_ids"])
             input_ids[i, :n] = torch.tensor(e["input_ids"])
-            labels[i, :n] = torch.tensor(e["labels"])
+            labels[i, :n] = torch.tensor(labels_of(e))
             labels[i, 0] = IGNORE_INDEX
             attention_mask[i, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
@@ -96,7 +102,7 @@ class PaddingFreeCollator:
         for i, e in enumerate(examples):
             _check_lengths(e, i)
         ids = _concat(e["input_ids"] for e in examples)
-        labels = _concat(e["labels"] for e in examples)
+        labels = _concat(labels_of(e) for e in examples)
         lengths = np.array([n for e in examples for n in _doc_lengths(e)], dtype=np.int64)
         self.filler_tokens = self._padded_length(len(ids)) - len(ids)
         if self.filler_tokens:

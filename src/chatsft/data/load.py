@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import datasets
 from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
@@ -151,3 +153,43 @@ def split_eval(
         )
     parts = dataset.train_test_split(test_size=eval_fraction, seed=seed)
     return parts["train"], parts["test"]
+
+
+def dataset_spec(name: str, config: str | None) -> str:
+    """load_data's spec for a dataset and its hub configuration ('name:config')."""
+    return f"{name}:{config}" if config else name
+
+
+Loader = Callable[[str, str, bool], Any]  # (spec, split, streaming) -> dataset
+
+
+def train_and_eval(
+    spec: str,
+    *,
+    train_split: str = "train",
+    test_split: str = "test",
+    streaming: bool = False,
+    eval_dataset: str | None = None,
+    eval_fraction: float | None = None,
+    evaluate: bool = False,
+    seed: int = 42,
+    load: Loader | None = None,
+) -> tuple[Any, Any | None]:
+    """The train set and the eval set (None if the run does not evaluate), as `chatsft train`
+    and `chatsft inspect` both choose them: a separate eval_dataset (its train split), else a
+    held-out eval_fraction, else the test split when `evaluate` (eval_split named, or an
+    eval_strategy that evaluates, as `trl sft` does). `load` replaces load_data (inspect reads
+    only the first rows)."""
+    load = load or (lambda s, split, stream: load_data(s, split, streaming=stream))
+    train = load(spec, train_split, streaming)
+    if eval_dataset:
+        return train, load(eval_dataset, "train", False)
+    if eval_fraction:
+        if streaming:
+            raise ChatSFTError(
+                "eval_fraction cannot split a stream", field="eval_fraction", hint="use eval_split"
+            )
+        return split_eval(train, eval_fraction, seed)
+    if evaluate:
+        return train, load(spec, test_split, False)
+    return train, None

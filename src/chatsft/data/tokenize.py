@@ -73,6 +73,25 @@ class PrepOptions:
     overlong_policy: str = "truncate"
 
 
+def prep_options_of(sft: Any, eos_token: str) -> PrepOptions:
+    """The PrepOptions an SFTConfig asks for. `eos_token` is the tokenizer's after load_tokenizer
+    (which applies sft.eos_token), not sft.eos_token, which may be None. One function for the
+    trainer and `chatsft inspect`, so inspect shows exactly what training prepares; `sft` is typed
+    loosely so this module does not import the config (and through it TrainingArguments)."""
+    return PrepOptions(
+        eos_token=eos_token,
+        dataset_text_field=sft.dataset_text_field,
+        dataset_format=sft.dataset_format,
+        assistant_only_loss=sft.assistant_only_loss,
+        completion_only_loss=sft.completion_only_loss,
+        last_turn_only=sft.last_turn_only,
+        prompt_template=sft.prompt_template,
+        max_length=sft.max_length,
+        truncation_mode=sft.truncation_mode,
+        overlong_policy=sft.overlong_policy,
+    )
+
+
 def special_prefix_ids(tokenizer: Any) -> list[int]:
     """Ids the tokenizer adds in front of plain text (a BOS token, for Llama-style tokenizers)."""
     with_special = tokenizer("x", add_special_tokens=True)["input_ids"]

@@ -336,7 +336,10 @@ def shared_rows_refusal(model: torch.nn.Module) -> str | None:
             f"this model's {', '.join(mixers)} layers carry state along the row (they ignore "
             "position_ids), so each document would see the one before it"
         )
-    if not isolates_without_dense_mask(base) and not keeps_documents_apart(base):
+    # Only the dense-mask path (SDPA/eager with windows or soft-capping) is checked by running it:
+    # flash-style kernels (transformers' or the hub's) take documents from position_ids.
+    dense = base.config._attn_implementation in ("sdpa", "eager", None)
+    if dense and not isolates_without_dense_mask(base) and not keeps_documents_apart(base):
         return (
             f"{type(base).__name__}'s attention mask does not follow the position_ids that "
             "separate documents, so they would attend to each other"

@@ -128,8 +128,10 @@ def load_tokenizer(
     eos_token: str | None = None,
     pad_token: str | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> Any:
-    """The given tokenizer, or the model's own; with chatsft's chat template, EOS and pad rules."""
+    """The given tokenizer, or the model's own (at `revision`); with chatsft's chat template, EOS
+    and pad rules."""
     tokenizer = processing_class
     if tokenizer is None:
         src = tokenizer_source(model_arg)
@@ -142,7 +144,10 @@ def load_tokenizer(
         if isinstance(model_arg, str):
             check_model_ref(model_arg)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+            kwargs = {"revision": revision} if revision and isinstance(model_arg, str) else {}
+            tokenizer = AutoTokenizer.from_pretrained(
+                src, trust_remote_code=trust_remote_code, **kwargs
+            )
         except OSError as err:
             raise ChatSFTError(
                 f"could not load the tokenizer: {err}",
@@ -151,7 +156,7 @@ def load_tokenizer(
                 hint="pass processing_class, or save the tokenizer beside the model",
             ) from None
     if chat_template_path is not None:
-        tokenizer.chat_template = read_chat_template(chat_template_path)
+        use_chat_template(tokenizer, chat_template_path)
     if eos_token is not None:
         if tokenizer.convert_tokens_to_ids(eos_token) in (None, tokenizer.unk_token_id):
             raise ChatSFTError(
@@ -170,6 +175,66 @@ def load_tokenizer(
         # Labels come from trained masks, never from pad ids, so pad == eos cannot hide a real EOS.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def use_chat_template(tokenizer: Any, path: str) -> None:
+    """Take the chat template of a .jinja file, or of another tokenizer (a folder or hub id, as
+    TRL's chat_template_path). From a tokenizer, its special tokens the template uses and this
+    vocabulary lacks are added (the trainer then grows the embeddings), and its EOS becomes the
+    EOS: turns must end with the token the template closes them with."""
+    is_tokenizer = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+    if os.path.isfile(path) or (os.path.isdir(path) and not is_tokenizer):
+        tokenizer.chat_template = read_chat_template(path)
+        return
+    local = path.startswith((".", "/", "~")) or path.endswith((".jinja", ".j2"))
+    if local and not os.path.exists(path):
+        raise ChatSFTError("file not found", source=path, field="chat_template_path")
+    try:
+        source = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ChatSFTError(
+            f"not a template file, tokenizer folder or hub id ({err})",
+            source=path,
+            field="chat_template_path",
+        ) from None
+    template = source.chat_template
+    if not isinstance(template, str) or not template:
+        raise ChatSFTError("this tokenizer has no chat template", source=path)
+    tokenizer.chat_template = template
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in source.all_special_tokens if t in template and t not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    if source.eos_token and source.eos_token in template:
+        tokenizer.eos_token = source.eos_token
+
+
+def sync_special_tokens(model: torch.nn.Module, tokenizer: Any, eos_given: bool) -> str | None:
+    """Make the model agree with the tokenizer (as TRL does): embeddings for added tokens, the
+    pad id in its configs, and a given EOS in its config and generation config (added to the
+    generation config's stop tokens, not replacing them). Returns a log line if it grew."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, PreTrainedModel):
+        return None
+    line = None
+    embeddings = base.get_input_embeddings()
+    if embeddings is not None and len(tokenizer) > embeddings.num_embeddings:
+        before = embeddings.num_embeddings
+        base.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        line = f"embeddings grown from {before} to {base.get_input_embeddings().num_embeddings} rows for the tokens the chat template added"
+    config = base.config.get_text_config()
+    generation = getattr(base, "generation_config", None)
+    config.pad_token_id = tokenizer.pad_token_id
+    if generation is not None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    if eos_given:
+        config.eos_token_id = tokenizer.eos_token_id
+        if generation is not None:
+            ids = generation.eos_token_id
+            ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+            if tokenizer.eos_token_id not in ids:
+                generation.eos_token_id = [tokenizer.eos_token_id, *ids]
+    return line
 
 
 def read_chat_template(path: str) -> str:

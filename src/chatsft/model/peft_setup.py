@@ -29,19 +29,47 @@ def lora_config(
     )
 
 
-def merge_adapter(adapter_dir: str, output_dir: str) -> str:
-    """Write a standalone model folder: base + adapter merged, with the tokenizer and template."""
-    from ..generate import load_for_inference
+def adapter_base(adapter_dir: str) -> str:
+    """The base model an adapter was trained on, as adapter_config.json records it."""
+    import json
 
-    if not os.path.exists(os.path.join(adapter_dir, "adapter_config.json")):
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(path):
         raise ChatSFTError(
             "no adapter_config.json here, so this is not a LoRA adapter folder", source=adapter_dir
         )
+    with open(path, encoding="utf-8") as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise ChatSFTError(
+            "adapter_config.json names no base_model_name_or_path", source=path, hint="pass --base"
+        )
+    return base
+
+
+def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None) -> str:
+    """Write a standalone model folder: base + adapter merged, with the tokenizer and template.
+    `base` overrides the base model recorded in adapter_config.json."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recorded = adapter_base(adapter_dir)
+    base = base or recorded
     if os.path.exists(output_dir):
         raise ChatSFTError("output folder already exists", source=output_dir, hint="pick a new one")
-    model, tokenizer = load_for_inference(adapter_dir, device="cpu")
+    if (base.startswith((".", "/", "~")) or os.sep in base) and not os.path.isdir(base):
+        where = "given as --base" if base != recorded else "recorded in adapter_config.json"
+        raise ChatSFTError(
+            f"base model folder {base!r} ({where}) does not exist",
+            source=os.path.join(adapter_dir, "adapter_config.json"),
+            hint="pass --base PATH_OR_HUB_ID",
+        )
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    has_tokenizer = os.path.exists(os.path.join(adapter_dir, "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir if has_tokenizer else base)
     tmp = output_dir.rstrip("/") + ".partial"
-    model.merge_and_unload().save_pretrained(tmp)
+    model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, output_dir)  # the folder appears only when complete
     return output_dir

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import types
@@ -13,15 +12,19 @@ import torch
 from conftest import WORDS, chats, make_model
 
 from chatsft import ChatSFTError, SFTConfig, SFTTrainer
-from chatsft.chat import ChatSession, add_chat_parser, run_repl
-from chatsft.generate import (
+from chatsft.generation.callback import (
     GenerationEvalCallback,
-    add_generate_parser,
-    check_knobs,
-    generate,
     generation_eval_callback_from_config,
-    load_for_inference,
 )
+from chatsft.generation.chat import ChatSession, run_repl
+from chatsft.generation.cli import (
+    build_chat_parser,
+    build_generate_parser,
+    cmd_chat,
+    cmd_generate,
+)
+from chatsft.generation.generate import generate, load_for_inference
+from chatsft.generation.knobs import check_knobs
 
 USER = [{"role": "user", "content": "what is two plus three"}]
 
@@ -50,12 +53,14 @@ def repeater(tokenizer):
 
 
 def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    add_generate_parser(sub)
-    add_chat_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """`chatsft generate|chat ARGS` through the command's parser, raising ChatSFTError."""
+    command, *rest = argv
+    build, run = {
+        "generate": (build_generate_parser, cmd_generate),
+        "chat": (build_chat_parser, cmd_chat),
+    }[command]
+    (args,) = build().parse_args_into_dataclasses(rest)
+    return run(args)
 
 
 # --- decoding --------------------------------------------------------------------------------------
@@ -244,7 +249,7 @@ def test_generate_command_writes_jsonl_with_knobs(tmp_path, model_dir):
     ]
     src, out = tmp_path / "prompts.jsonl", tmp_path / "out" / "gen.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    knobs = ["--max-new-tokens", "4", "--num-beams", "2", "--num-return-sequences", "2"]
+    knobs = ["--max_new_tokens", "4", "--num_beams", "2", "--num_return_sequences", "2"]
     assert cli("generate", model_dir, "--input", str(src), "--output", str(out), *knobs) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 3 and records[0]["id"] == 1
@@ -364,3 +369,15 @@ def test_generation_eval_config_errors():
         ],
     )
     assert as_chat.prompts == [[{"role": "user", "content": "hi"}]]
+
+
+def test_eval_callback_checks_lengths_before_the_first_step(model, tokenizer):
+    args = types.SimpleNamespace(output_dir="unused")
+    short = GenerationEvalCallback(["the cat sat on the mat"], tokenizer, max_length=3)
+    with pytest.raises(ChatSFTError, match="field 'max_length': must be at least the prompt"):
+        short.on_train_begin(args, None, None, model=model)
+    too_long = GenerationEvalCallback([USER, "hi"], max_new_tokens=600)
+    with pytest.raises(ChatSFTError) as err:
+        too_long.on_train_begin(args, None, None, model=model, processing_class=tokenizer)
+    assert (err.value.row, err.value.field) == (0, "max_new_tokens")
+    GenerationEvalCallback([USER], tokenizer).on_train_begin(args, None, None, model=model)

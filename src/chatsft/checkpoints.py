@@ -1,0 +1,180 @@
+"""Checkpoints that can be trusted: found in order, checked before a resume (complete, readable,
+trained by the same run), and a save that fails names the folder and the space it needed."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from typing import Any
+
+from .errors import ChatSFTError
+
+RUN_FILE = "chatsft_run.json"  # the settings of the run that wrote a checkpoint
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
+# Settings that decide what a run trains: a resume with others would continue a different run.
+# (max_steps, epochs, saving, logging and evaluation may change between a run and its resume.)
+SAME_RUN_KEYS = (
+    "model_name_or_path",
+    "dataset_name",
+    "dataset_config",
+    "dataset_train_split",
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_target_modules",
+    "max_length",
+    "packing",
+    "packing_strategy",
+    "assistant_only_loss",
+    "completion_only_loss",
+    "last_turn_only",
+    "prompt_template",
+    "chat_template_path",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "seed",
+)
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """checkpoint-N folders in output_dir, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = []
+    for name in os.listdir(output_dir):
+        prefix, _, step = name.partition("-")
+        if prefix == "checkpoint" and step.isdigit():
+            steps.append(int(step))
+    return [os.path.join(output_dir, f"checkpoint-{n}") for n in sorted(steps)]
+
+
+def newest_complete_checkpoint(output_dir: str) -> str | None:
+    """The highest checkpoint-N whose save finished: the Trainer writes trainer_state.json last,
+    after the weights, optimizer and RNG state, so a folder without it was cut short."""
+    for folder in reversed(checkpoints(output_dir)):
+        weights = any(os.path.exists(os.path.join(folder, f)) for f in WEIGHT_FILES)
+        if weights and os.path.exists(os.path.join(folder, "trainer_state.json")):
+            return folder
+    return None
+
+
+def _safetensors_problem(path: str) -> str | None:
+    """A safetensors file whose header does not parse or whose data is shorter than it says."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return "its header is cut short"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return "its header does not parse"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        return f"it is truncated ({size:,} of {8 + n + end:,} bytes)"
+    return None
+
+
+def _torch_file_problem(path: str, safe_load: bool) -> str | None:
+    """A torch file (a zip archive) that is cut short; with `safe_load`, one that does not load as
+    plain tensors and numbers (optimizer.pt must; rng_state.pth holds numpy's RNG objects)."""
+    import pickle
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            return f"its member {bad} is damaged"
+    except (zipfile.BadZipFile, OSError):
+        return "it is not a complete torch archive (truncated?)"
+    if not safe_load:
+        return None
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return "it holds objects that are not plain tensors and numbers (refused: unsafe to load)"
+    except (RuntimeError, EOFError, OSError) as err:
+        return f"it does not load ({str(err).splitlines()[0][:120]})"
+    return None
+
+
+def check_checkpoint(folder: str) -> str | None:
+    """Why this folder cannot be resumed from, or None."""
+    state = os.path.join(folder, "trainer_state.json")
+    if not os.path.exists(state):
+        return "no trainer_state.json: it is not a checkpoint, or its save was cut short"
+    try:
+        with open(state, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return "trainer_state.json is damaged (not JSON)"
+    weights = [f for f in WEIGHT_FILES if os.path.exists(os.path.join(folder, f))]
+    if not weights:
+        return "it holds no weights (model.safetensors or adapter_model.safetensors)"
+    for name in weights:
+        if name.endswith(".safetensors"):
+            problem = _safetensors_problem(os.path.join(folder, name))
+            if problem:
+                return f"{name}: {problem}"
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            problem = _torch_file_problem(path, safe_load=name == "optimizer.pt")
+            if problem:
+                return f"{name}: {problem}"
+    return None
+
+
+def write_run_file(folder: str, record: dict[str, Any] | None) -> None:
+    if record is None:
+        return
+    from .model_card import plain
+
+    with open(os.path.join(folder, RUN_FILE), "w", encoding="utf-8") as f:
+        json.dump(plain(record), f, indent=1, sort_keys=True)
+
+
+def same_run(folder: str, record: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint that another run's settings trained; name what differs."""
+    from .model_card import plain
+
+    path = os.path.join(folder, RUN_FILE)
+    if not os.path.exists(path):
+        return  # written by the Python API or an older chatsft: nothing to compare
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    now = plain(record)
+    differ = [k for k in SAME_RUN_KEYS if saved.get(k) != now.get(k)]
+    if differ:
+        what = ", ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in differ)
+        raise ChatSFTError(
+            f"this checkpoint was trained with other settings ({what})",
+            source=folder,
+            field="resume",
+            hint="resume with the same settings, or train into a new output_dir",
+        )
+
+
+def _nbytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def save_failed(err: BaseException, folder: str, what: str, model: Any) -> ChatSFTError:
+    """One line for a save that failed; for a full disk, the space it needed."""
+    full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+    if not full:
+        return ChatSFTError(f"saving {what} failed ({err})", source=folder)
+    need = _nbytes(model)
+    size = f"{need / 2**30:,.1f} GiB" if need >= 2**30 else f"{need / 2**20:,.1f} MiB"
+    return ChatSFTError(
+        f"no space left on the device while saving {what} (about {size} of weights, plus about "
+        "twice that for AdamW's state in a checkpoint)",
+        source=folder,
+        hint="free disk space, then continue with --resume (the last complete checkpoint is "
+        "intact)",
+    )
