@@ -32,6 +32,7 @@ from .model.attention import (
     use_document_attention,
 )
 from .model.compile import compile_decoder_layers
+from .model.gguf import find_gguf, load_gguf
 from .model.load import (
     apply_peft,
     half_precision_cost,
@@ -227,6 +228,18 @@ class SFTTrainer(Trainer):
                 field="model_init_kwargs",
                 hint="remove them or pass the model by name",
             )
+        gguf_file = find_gguf(model) if isinstance(model, str) else None
+        if gguf_file is not None:
+            dtype = training_init_kwargs(args.model_init_kwargs)["dtype"]
+            model, gguf_tokenizer = load_gguf(gguf_file, dtype)
+            if processing_class is None and tokenizer is None:
+                processing_class = gguf_tokenizer
+            self._say(
+                args,
+                f"model: {gguf_file} read through transformers, dequantized to {dtype}; tokenizer "
+                "and chat template from the file (`chatsft import-gguf` saves it once as a "
+                "folder, so later runs skip this step)",
+            )
         tokenizer = load_tokenizer(
             model,
             processing_class if processing_class is not None else tokenizer,
@@ -241,7 +254,7 @@ class SFTTrainer(Trainer):
         model = load_model(model, model_init_kwargs(args, model, quantization_config))
         self._say(args, sync_special_tokens(model, tokenizer, args.eos_token is not None))
         model = apply_peft(model, peft_config)
-        self._model_name = model_name(model)
+        self._model_name = gguf_file or model_name(model)
         # TRL's attribute names: the router loss weight, and whether it is on.
         self.router_aux_loss_coef = router_aux_coef(model, args.router_aux_loss_coef)
         self.aux_loss_enabled = bool(self.router_aux_loss_coef)

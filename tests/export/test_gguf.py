@@ -399,3 +399,101 @@ def test_smollm2_import_then_export(tmp_path):
     assert back_tok.chat_template == tokenizer.chat_template
     assert max_rel_err(logits(back, inputs), logits(model, inputs)) <= 1e-2
     assert greedy(back, inputs, tokenizer) == want
+
+
+# --- through the command line and the trainer ------------------------------------------------------
+
+
+def test_export_import_and_train_from_a_gguf_on_the_command_line(tmp_path, source, capsys):
+    """`chatsft export` writes the file, `SFTTrainer(model=FILE.gguf)` and `chatsft train --model
+    FILE.gguf` train from it (tokenizer and chat template from the file), `chatsft import-gguf`
+    saves it as a folder."""
+    import json
+
+    import datasets
+
+    from chatsft import SFTConfig, SFTTrainer
+    from chatsft.cli import main
+
+    _, _, folder = source
+    file = str(tmp_path / "model.gguf")
+    assert main(["export", folder, "--gguf", file, "--outtype", "f16"]) == 0
+    assert "model.gguf" in capsys.readouterr().out
+    rows = [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
+        for p, a in zip(["what is two plus three", "yo", "hi"], ANSWERS)
+    ] * 2
+    args = SFTConfig(
+        output_dir=str(tmp_path / "api"), max_steps=1, report_to="none", training_report=False
+    )
+    trainer = SFTTrainer(model=file, args=args, train_dataset=datasets.Dataset.from_list(rows))
+    assert next(trainer.model.parameters()).dtype == torch.float32
+    assert "<|im_start|>" in trainer.processing_class.chat_template
+    assert "dequantized to float32" in capsys.readouterr().out
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["train", "--model", str(tmp_path), "--dataset", str(data), "--max_steps", "1"]
+    assert main([*argv, "--output_dir", str(tmp_path / "cli"), "--save_strategy", "no"]) == 0
+    assert (tmp_path / "cli" / "model.safetensors").exists()
+    assert main(["import-gguf", file, str(tmp_path / "imported")]) == 0
+    assert (tmp_path / "imported" / "config.json").exists()
+    assert main(["export", folder, "--gguf", file, "--outtype", "q4"]) == 2
+    assert "invalid choice: 'q4'" in capsys.readouterr().err
+
+
+@needs_smollm2
+def test_smollm2_trains_with_its_chatml_masks_and_generates_the_same_after_saving(tmp_path):
+    """The real model: a few LoRA steps on SmolLM2-135M-Instruct, assistant-only masks pinned under
+    its own ChatML template, the saved folder reloads and greedy generation is unchanged."""
+    import datasets
+    from peft import LoraConfig, PeftModel
+
+    from chatsft import SFTConfig, SFTTrainer
+
+    folder = import_gguf(SMOLLM2, os.path.join(SMOLLM2_CACHE, "imported"))
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Rewrite 2024-0{m}-1{m} as DD.MM.YYYY"},
+                {"role": "assistant", "content": f"1{m}.0{m}.2024"},
+            ]
+        }
+        for m in range(1, 9)
+    ]
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        assistant_only_loss=True,
+        report_to="none",
+        save_strategy="no",
+        training_report=False,
+    )
+    trainer = SFTTrainer(
+        model=folder,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        peft_config=LoraConfig(r=8, target_modules="all-linear"),
+    )
+    tok = trainer.processing_class
+    row = trainer.train_dataset[0]
+    trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    # Exactly the assistant's reply and its end-of-turn token, under the model's own template.
+    assert tok.decode(trained) == "11.01.2024<|im_end|>"
+    assert tok.decode(row["input_ids"]).startswith("<|im_start|>system\n")
+    trainer.train()
+    prompt = tok.apply_chat_template(
+        rows[0]["messages"][:1], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    model = trainer.model.eval()
+    with torch.no_grad():
+        before = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "saved" / "README.md").exists()
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "saved")).eval()
+    with torch.no_grad():
+        after = reloaded.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert after.tolist() == before.tolist()

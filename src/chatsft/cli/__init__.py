@@ -18,6 +18,8 @@ COMMANDS = {
     "estimate": ("estimate", "predict peak memory and checkpoint sizes; fit the batch to memory"),
     "inspect": ("inspect", "show what training will train on: tokens, masks, lengths, warnings"),
     "merge": ("merge", "merge a LoRA adapter into its base model (a standalone folder)"),
+    "export": ("export", "write a model or adapter as a GGUF file (llama.cpp, Ollama, LM Studio)"),
+    "import-gguf": ("import_gguf", "save a GGUF model once as a folder to train from"),
     "demo": ("demo", "train the bundled tiny model offline and show that it learned"),
 }
 
