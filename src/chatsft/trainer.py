@@ -51,6 +51,17 @@ STAGING_DIR = ".checkpoint-in-progress"
 PREPARED_COLUMNS = ("input_ids", "labels", "seq_lengths", "attention_mask", "position_ids")
 
 
+# The private transformers.Trainer methods chatsft overrides or replaces, with the parameters they
+# had when verified (transformers 5.0 to 5.25; pyproject.toml allows >=5,<6).
+# tests/test_structure.py fails loudly when a transformers release changes one of them.
+PRIVATE_TRAINER_METHODS = {
+    "_build_accelerator_args": ("self", "kwargs"),  # no accelerate compile of pre-compiled layers
+    "_set_signature_columns_if_needed": ("self",),  # keep seq_lengths for the collator
+    "_get_grad_norm": ("self", "model", "grad_norm"),  # the non-finite guard, before step()
+    "_save_checkpoint": ("self", "model", "trial"),  # staged checkpoint folders
+    "_get_output_dir": ("self", "trial"),  # pointed at the staging folder during a save
+}
+
 # Tags written to the model card. "sft" is what TRL-based tooling and hub filters look for; a model
 # trained by chatsft does not claim TRL's own "trl" tag.
 MODEL_TAGS = ["chatsft", "sft"]
