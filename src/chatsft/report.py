@@ -22,6 +22,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .files import write_atomic
+from .log import logger
 
 PLOT_SIZE_IN = (8, 5)
 PLOT_DPI = 100  # 800 × 500 px: a fixed size, so reports of different runs line up
@@ -648,7 +649,7 @@ def write_report(
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print(MATPLOTLIB_HINT, flush=True)
+        logger.info(MATPLOTLIB_HINT.removeprefix("[chatsft] "))
         images: list[Chart] = []
     else:
         for chart in charts:
@@ -723,4 +724,4 @@ class TrainingReportCallback(TrainerCallback):
             dataset_name=self.dataset_name,
             dataset_format=self.dataset_format,
         )
-        print(f"[chatsft] training report: {path}", flush=True)
+        logger.info(f"training report: {path}")

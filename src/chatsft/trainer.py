@@ -26,6 +26,7 @@ from .data.streaming import ConstantLengthDataset
 from .data.tokenize import PrepOptions, prep_options_of
 from .errors import ChatSFTError
 from .generation.callback import generation_eval_callback_from_config
+from .log import logger, set_verbosity
 from .model.attention import (
     isolates_without_dense_mask,
     shared_rows_refusal,
@@ -224,6 +225,7 @@ class SFTTrainer(Trainer):
         tokenizer: Any | None = None,  # TRL's older name for processing_class
     ) -> None:
         args = as_sft_config(args)
+        set_verbosity(str(args.log_level))
         check_train_dataset(train_dataset)
         check_text_only(train_dataset)
         if isinstance(model, str) and os.path.isdir(os.path.expanduser(model)):
@@ -422,7 +424,7 @@ class SFTTrainer(Trainer):
     @staticmethod
     def _say(args: SFTConfig, line: str | None) -> None:
         if line and args.process_index == 0:
-            print(line if line.startswith("[chatsft]") else f"[chatsft] {line}", flush=True)
+            logger.info(line.removeprefix("[chatsft] "))
 
     def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
         accelerator_args = super()._build_accelerator_args(**kwargs)
@@ -434,10 +436,9 @@ class SFTTrainer(Trainer):
         loader = super().get_train_dataloader()
         if self.args.world_size > 1 and hasattr(loader, "__len__"):
             # Every rank says what it got, so a rank that drops data is visible in the log.
-            print(
-                f"[chatsft] rank {self.args.process_index} of {self.args.world_size}: "
+            logger.info(
+                f"rank {self.args.process_index} of {self.args.world_size}: "
                 f"{len(loader)} batches of {self.args.per_device_train_batch_size} rows per epoch",
-                flush=True,
             )
         return loader
 

@@ -18,6 +18,7 @@ from ..data.formats import (
     normalize,
 )
 from ..errors import ChatSFTError
+from ..log import logger
 from .generate import (
     GenerationResult,
     check_prompt,
@@ -90,7 +91,7 @@ class GenerationEvalCallback(TrainerCallback):
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         for i, result in enumerate(results):
             prompt = _short(result.prompt)
-            print(f"[chatsft] step {state.global_step} sample {i}: {prompt} → {result.text!r}")
+            logger.info(f"step {state.global_step} sample {i}: {prompt} → {result.text!r}")
 
 
 def _short(prompt: Prompt, width: int = 60) -> str:
