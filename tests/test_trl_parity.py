@@ -202,6 +202,8 @@ def test_prompt_learning_loss_equals_peft_full_logit_loss_and_trains(tmp_path, t
     torch.testing.assert_close(parts.loss_sum / parts.num_tokens, reference)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))  # the model card describes any peft method
+    assert kind.upper() in (tmp_path / "saved" / "README.md").read_text()
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history[:-1])
     for name, p in model.named_parameters():
         if p.requires_grad:

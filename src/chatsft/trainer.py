@@ -687,7 +687,7 @@ def lora_summary(model: torch.nn.Module) -> dict[str, Any] | None:
     config = (getattr(model, "peft_config", None) or {}).get("default")
     if config is None:
         return None
-    targets = config.target_modules
+    targets = getattr(config, "target_modules", None)  # prompt tuning has none
     return {
         "type": str(getattr(config, "peft_type", "LORA")).split(".")[-1],
         "r": getattr(config, "r", None),
