@@ -151,7 +151,13 @@ def same_run(folder: str, record: dict[str, Any]) -> None:
     now = plain(record)
     differ = [k for k in SAME_RUN_KEYS if saved.get(k) != now.get(k)]
     if differ:
-        what = ", ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in differ)
+
+        def shown(value: Any) -> str:  # a setting left out of a run record was its default
+            return "the default" if value is None else repr(value)
+
+        what = ", ".join(
+            f"{k}: {shown(saved.get(k))} then, {shown(now.get(k))} now" for k in differ
+        )
         raise ChatSFTError(
             f"this checkpoint was trained with other settings ({what})",
             source=folder,
