@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from .errors import ChatSFTError
+from .files import safetensors_problem
 
 RUN_FILE = "chatsft_run.json"  # the settings of the run that wrote a checkpoint
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
@@ -60,23 +61,6 @@ def newest_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-def _safetensors_problem(path: str) -> str | None:
-    """A safetensors file whose header does not parse or whose data is shorter than it says."""
-    size = os.path.getsize(path)
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or 8 + n > size:
-                return "its header is cut short"
-            header = json.loads(f.read(n))
-    except (OSError, ValueError):
-        return "its header does not parse"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        return f"it is truncated ({size:,} of {8 + n + end:,} bytes)"
-    return None
-
-
 def _torch_file_problem(path: str, safe_load: bool) -> str | None:
     """A torch file (a zip archive) that is cut short; with `safe_load`, one that does not load as
     plain tensors and numbers (optimizer.pt must; rng_state.pth holds numpy's RNG objects)."""
@@ -118,7 +102,7 @@ def check_checkpoint(folder: str) -> str | None:
         return "it holds no weights (model.safetensors or adapter_model.safetensors)"
     for name in weights:
         if name.endswith(".safetensors"):
-            problem = _safetensors_problem(os.path.join(folder, name))
+            problem = safetensors_problem(os.path.join(folder, name))
             if problem:
                 return f"{name}: {problem}"
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):

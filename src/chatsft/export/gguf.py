@@ -3,13 +3,14 @@ GGUF file (f32, f16, bf16 or q8_0) with the `gguf` library, via `gguf_convert`."
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from typing import Any
 
 from ..errors import ChatSFTError
-from ..model.gguf import file_umask
+from ..files import file_umask
+from ..model.load import has_tokenizer
+from ..model.peft_setup import adapter_base
 from .gguf_convert import OUTTYPES, write_gguf
 
 
@@ -58,10 +59,10 @@ def load_merged(model_dir: str) -> tuple[Any, Any]:
     if os.path.isfile(adapter_file):
         from peft import PeftModel
 
-        base = _adapter_base(adapter_file)
+        base = adapter_base(os.path.dirname(adapter_file))
         model = PeftModel.from_pretrained(load_model(base, {"dtype": "float32"}), model_dir)
         model = model.merge_and_unload()
-        if not _has_tokenizer(model_dir):
+        if not has_tokenizer(model_dir):
             tok_source = base
     else:
         model = load_model(model_dir, {"dtype": "float32"})
@@ -72,21 +73,3 @@ def load_merged(model_dir: str) -> tuple[Any, Any]:
             f"could not load the tokenizer: {err}", source=tok_source, field="tokenizer"
         ) from None
     return model.eval(), tokenizer
-
-
-def _adapter_base(adapter_file: str) -> str:
-    with open(adapter_file, encoding="utf-8") as f:
-        base = json.load(f).get("base_model_name_or_path")
-    if not base:
-        raise ChatSFTError(
-            "adapter has no base model",
-            source=adapter_file,
-            field="base_model_name_or_path",
-            hint="set it to the base model's folder or hub id",
-        )
-    return base
-
-
-def _has_tokenizer(path: str) -> bool:
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    return any(os.path.isfile(os.path.join(path, name)) for name in names)

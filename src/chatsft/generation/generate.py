@@ -28,7 +28,15 @@ from transformers import (
 from ..data.formats import check_messages
 from ..data.templates import render_chat
 from ..errors import ChatSFTError
-from ..model.load import check_model_ref, load_model, load_tokenizer, read_chat_template
+from ..files import safetensors_problem
+from ..model.load import (
+    check_model_ref,
+    has_tokenizer,
+    load_model,
+    load_tokenizer,
+    read_chat_template,
+)
+from ..model.peft_setup import adapter_base
 from .knobs import Prompt, check_dtype, check_knobs, fit_lengths
 
 # --- prompts ---------------------------------------------------------------------------------------
@@ -408,10 +416,10 @@ def load_for_inference(
     device = check_device(device)
     adapter_file = os.path.join(path, "adapter_config.json")
     adapter = os.path.isfile(adapter_file)
-    base = _adapter_base(adapter_file) if adapter else path
+    base = adapter_base(os.path.dirname(adapter_file)) if adapter else path
     check_model_ref(base)
-    tok_source = path if _has_tokenizer(path) or not os.path.isdir(path) else base
-    if os.path.isdir(tok_source) and not _has_tokenizer(tok_source):
+    tok_source = path if has_tokenizer(path) or not os.path.isdir(path) else base
+    if os.path.isdir(tok_source) and not has_tokenizer(tok_source):
         raise ChatSFTError(
             "the folder has no tokenizer (tokenizer.json, tokenizer_config.json or "
             "tokenizer.model)",
@@ -488,7 +496,7 @@ def check_weights(folder: str) -> None:
         file = os.path.join(folder, name)
         problem = None
         if name.endswith(".safetensors") and os.path.isfile(file):
-            problem = _safetensors_problem(file)
+            problem = safetensors_problem(file)
         elif name.endswith(".bin") and os.path.isfile(file):
             with open(file, "rb") as f:
                 # torch.save writes zip files; one that starts like a zip but has no central
@@ -502,44 +510,3 @@ def check_weights(folder: str) -> None:
                 field="weights",
                 hint=hint,
             )
-
-
-def _safetensors_problem(path: str) -> str | None:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"{size} bytes, less than a header"
-        length = int.from_bytes(head, "little")
-        if length > size - 8:
-            return f"the header says {length} bytes but the file has {size}"
-        try:
-            header = json.loads(f.read(length))
-            end = max(
-                (t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0
-            )
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-            return "the header is not readable"
-    if 8 + length + end > size:
-        return f"its tensors need {8 + length + end} bytes but the file has {size}"
-    return None
-
-
-def _adapter_base(adapter_file: str) -> str:
-    with open(adapter_file, encoding="utf-8") as f:
-        base = json.load(f).get("base_model_name_or_path")
-    if not base:
-        raise ChatSFTError(
-            "adapter has no base model",
-            source=adapter_file,
-            field="base_model_name_or_path",
-            hint="set it to the base model's hub id or folder",
-        )
-    return base
-
-
-def _has_tokenizer(path: str) -> bool:
-    return any(
-        os.path.isfile(os.path.join(path, name))
-        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    )

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import ChatSFTError
+from ..files import file_umask
 
 
 def gguf_module() -> Any:
@@ -213,12 +214,6 @@ def _imported(out_dir: str, marker: dict, file: str) -> bool:
             hint="remove it or pick another output folder",
         )
     return True
-
-
-def file_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def as_torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:

@@ -237,6 +237,12 @@ def sync_special_tokens(model: torch.nn.Module, tokenizer: Any, eos_given: bool)
     return line
 
 
+def has_tokenizer(path: str) -> bool:
+    """A folder holding tokenizer files (a model or adapter folder saved with its tokenizer)."""
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    return any(os.path.isfile(os.path.join(path, name)) for name in names)
+
+
 def read_chat_template(path: str) -> str:
     if os.path.isdir(path):
         jinja = os.path.join(path, "chat_template.jinja")
