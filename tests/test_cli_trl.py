@@ -236,3 +236,13 @@ def test_train_logs_the_cpu_thread_choice(tmp_path, model_dir, capsys):
     config = trl_config(tmp_path, model_dir, eval_strategy="no", use_peft=False)
     assert main(["train", str(config), "--torch_num_threads", "1"]) == 0
     assert "CPU threads: 1 (torch_num_threads)" in capsys.readouterr().out
+
+
+def test_a_bare_flag_turns_an_optional_boolean_on(tmp_path):
+    from chatsft.cli.parser import parse
+
+    argv = ["--model", "m", "--dataset", "d", "--padding_free", "--completion_only_loss"]
+    _, sft, _, _ = parse(build_parser(), argv).values
+    assert sft.padding_free is True and sft.completion_only_loss is True
+    argv = ["--model", "m", "--dataset", "d", "--padding_free", "false"]
+    assert parse(build_parser(), argv).values[1].padding_free is False

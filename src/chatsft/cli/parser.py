@@ -37,6 +37,14 @@ REFUSED = {
 class CommandParser(HfArgumentParser):
     """An HfArgumentParser whose errors are one line (ChatSFTError) instead of a usage dump."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for action in self._actions:
+            # `bool | None` fields (bf16, padding_free) would need a value: a bare flag means true,
+            # as it does for plain bool fields.
+            if action.type is string_to_bool and action.nargs is None and not action.const:
+                action.nargs, action.const = "?", True
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ChatSFTError(message, hint=f"see `{self.prog} --help`")
 
