@@ -11,7 +11,7 @@ import pytest
 from conftest import chats
 
 from chatsft.cli import main
-from chatsft.output_dir import LOCK_FILE
+from chatsft.train.output_dir import LOCK_FILE
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -20,7 +20,7 @@ from datasets import Dataset
 from transformers import TrainerState, TrainingArguments
 
 from chatsft import SFTConfig, SFTTrainer
-from chatsft.report import (
+from chatsft.train.report import (
     MATPLOTLIB_HINT,
     REPORT_FILE,
     TrainingReportCallback,

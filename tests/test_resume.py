@@ -98,8 +98,8 @@ def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(
 ):
     import transformers.modeling_utils
 
-    from chatsft.checkpoints import newest_complete_checkpoint
     from chatsft.cli import main
+    from chatsft.train.checkpoints import newest_complete_checkpoint
     from chatsft.trainer import STAGING_DIR
 
     data = write_jsonl(tmp_path / "d.jsonl", chats(32, seed=2))

@@ -322,7 +322,7 @@ def test_torch_compile_gives_the_same_losses(tmp_path, tokenizer):
 
 
 def test_nonfinite_flags_are_read_early_when_the_run_rarely_logs(monkeypatch):
-    from chatsft import nonfinite
+    from chatsft.train import nonfinite
 
     monkeypatch.setattr(nonfinite, "MAX_PENDING", 2)
     guard = nonfinite.NonFiniteGuard()

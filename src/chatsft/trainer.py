@@ -18,7 +18,6 @@ import yaml
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import rotate_checkpoints
 
-from .checkpoints import newest_complete_checkpoint, save_failed, write_run_file
 from .config import SFTConfig
 from .data.collate import PaddedCollator, PaddingFreeCollator
 from .data.prepare import prepare_for_training
@@ -44,8 +43,9 @@ from .model.load import (
 )
 from .model.loss import supervised_loss
 from .model.moe import router_aux_coef
-from .model_card import final_metrics, mask_policy, model_card, non_default_settings, plain
-from .nonfinite import NonFiniteGuard, NonFiniteStep
+from .train.checkpoints import newest_complete_checkpoint, save_failed, write_run_file
+from .train.model_card import final_metrics, mask_policy, model_card, non_default_settings, plain
+from .train.nonfinite import NonFiniteGuard, NonFiniteStep
 
 CONFIG_FILE = "training_config.yaml"
 STAGING_DIR = ".checkpoint-in-progress"
@@ -295,7 +295,7 @@ class SFTTrainer(Trainer):
         self._formatting_func = formatting_func
         opts = prep_options(args, tokenizer)
         if args.training_report:
-            from .report import TrainingReportCallback
+            from .train.report import TrainingReportCallback
 
             self._report = TrainingReportCallback()
             callbacks = [*(callbacks or []), self._report]

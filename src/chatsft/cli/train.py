@@ -7,10 +7,10 @@ import shlex
 import shutil
 from dataclasses import dataclass, field
 
-from ..checkpoints import save_failed
 from ..config import ModelConfig, ScriptArguments, SFTConfig
 from ..errors import ChatSFTError
-from ..output_dir import COMPLETE_FILE, OutputLock, claim
+from ..train.checkpoints import save_failed
+from ..train.output_dir import COMPLETE_FILE, OutputLock, claim
 from .parser import CommandParser, Parsed, parse
 
 DESCRIPTION = (
@@ -163,7 +163,7 @@ def resume_point(sft: SFTConfig, record: dict) -> str | None:
     """`--resume` / `latest` → the newest complete checkpoint-N in output_dir; `latest_valid` →
     the newest that is undamaged; a folder → that checkpoint. Each is checked: complete, readable, and trained
     with the same settings as this run (an error names what differs)."""
-    from ..checkpoints import (
+    from ..train.checkpoints import (
         check_checkpoint,
         checkpoints,
         newest_complete_checkpoint,

@@ -8,8 +8,8 @@ import json
 import os
 from typing import Any
 
-from .errors import ChatSFTError
-from .files import safetensors_problem
+from ..errors import ChatSFTError
+from ..files import safetensors_problem
 
 RUN_FILE = "chatsft_run.json"  # the settings of the run that wrote a checkpoint
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")

@@ -11,7 +11,7 @@ import shutil
 import socket
 from typing import Any
 
-from .errors import ChatSFTError
+from ..errors import ChatSFTError
 
 LOCK_FILE = ".chatsft.lock"
 # Written last by a finished run: a folder with weights but without it was cut short.

@@ -21,8 +21,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .files import write_atomic
-from .log import logger
+from ..files import write_atomic
+from ..log import logger
 
 PLOT_SIZE_IN = (8, 5)
 PLOT_DPI = 100  # 800 × 500 px: a fixed size, so reports of different runs line up
@@ -596,7 +596,7 @@ def _setting_text(value: Any) -> str:
 def _template() -> Any:
     import jinja2
 
-    text = resources.files("chatsft").joinpath(TEMPLATE_FILE).read_text(encoding="utf-8")
+    text = resources.files("chatsft.train").joinpath(TEMPLATE_FILE).read_text(encoding="utf-8")
     env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     return env.from_string(text)
 
