@@ -32,7 +32,7 @@ from chatsft.inspect import (
     use_color,
 )
 from chatsft.model.load import load_tokenizer
-from chatsft.trainer import prep_options
+from chatsft.train.build import prep_options
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "qwen2.5-0.5b-ultrachat.yaml"
 

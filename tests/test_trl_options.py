@@ -10,7 +10,7 @@ from conftest import chats, make_model
 
 from chatsft import SFTConfig, SFTTrainer
 from chatsft.model.chunked_ce import chunked_linear_cross_entropy
-from chatsft.trainer import model_init_kwargs
+from chatsft.train.build import model_init_kwargs
 
 
 def config(tmp_path, **kw):

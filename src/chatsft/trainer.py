@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import math
 import os
 import pickle
@@ -15,20 +13,16 @@ from typing import Any
 import datasets
 import torch
 import yaml
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import rotate_checkpoints
 
 from .config import SFTConfig
-from .data.collate import PaddedCollator, PaddingFreeCollator
+from .data.collate import PaddingFreeCollator
 from .data.prepare import prepare_for_training
 from .data.streaming import ConstantLengthDataset
-from .data.tokenize import PrepOptions, prep_options_of
 from .errors import ChatSFTError
-from .generation.callback import generation_eval_callback_from_config
 from .log import logger, set_verbosity
 from .model.attention import (
-    isolates_without_dense_mask,
-    shared_rows_refusal,
     use_document_attention,
 )
 from .model.compile import compile_decoder_layers
@@ -43,14 +37,30 @@ from .model.load import (
 )
 from .model.loss import supervised_loss
 from .model.moe import router_aux_coef
+from .train.build import (
+    MODEL_TAGS,
+    PREPARED_COLUMNS,
+    activation_kind,
+    as_sft_config,
+    base_model,
+    check_labels_present,
+    check_no_transform,
+    check_text_only,
+    check_train_dataset,
+    default_collator,
+    forward_keys,
+    generation_eval_callback,
+    lora_summary,
+    model_init_kwargs,
+    model_name,
+    prep_options,
+)
 from .train.checkpoints import newest_complete_checkpoint, save_failed, write_run_file
 from .train.model_card import final_metrics, mask_policy, model_card, non_default_settings, plain
 from .train.nonfinite import NonFiniteGuard, NonFiniteStep
 
 CONFIG_FILE = "training_config.yaml"
 STAGING_DIR = ".checkpoint-in-progress"
-PREPARED_COLUMNS = ("input_ids", "labels", "seq_lengths", "attention_mask", "position_ids")
-
 
 # The private transformers.Trainer methods chatsft overrides or replaces, with the parameters they
 # had when verified (transformers 5.0 to 5.25; pyproject.toml allows >=5,<6).
@@ -62,144 +72,6 @@ PRIVATE_TRAINER_METHODS = {
     "_save_checkpoint": ("self", "model", "trial"),  # staged checkpoint folders
     "_get_output_dir": ("self", "trial"),  # pointed at the staging folder during a save
 }
-
-# Tags written to the model card. "sft" is what TRL-based tooling and hub filters look for; a model
-# trained by chatsft does not claim TRL's own "trl" tag.
-MODEL_TAGS = ["chatsft", "sft"]
-
-
-def check_train_dataset(train_dataset: Any) -> None:
-    """TRL's errors (same types and wording) for a missing or unsupported train_dataset."""
-    if train_dataset is None:
-        raise ValueError("`train_dataset` is required")
-    if not isinstance(
-        train_dataset,
-        (datasets.Dataset, datasets.IterableDataset, torch.utils.data.Dataset),
-    ) or isinstance(train_dataset, dict):
-        raise TypeError(
-            f"`train_dataset` must be a `Dataset` or `IterableDataset`, got "
-            f"`{type(train_dataset).__name__}`; for a DatasetDict pass one split, e.g. "
-            "dataset['train']"
-        )
-
-
-def check_no_transform(dataset: Any, name: str) -> None:
-    """Preparation reads rows through Dataset.with_transform and would bake a random transform's
-    one draw into the tokenized data; TRL refuses this too."""
-    if isinstance(dataset, datasets.Dataset) and dataset.format.get("type") == "custom":
-        raise ChatSFTError(
-            f"the {name} dataset uses Dataset.with_transform() (or set_transform): preparation "
-            "would tokenize one fixed draw of a random transform",
-            field="train_dataset" if name == "train" else "eval_dataset",
-            hint="pass dataset_kwargs={'skip_prepare_dataset': True} with a transform that "
-            "returns trainer-ready rows (input_ids, labels), or apply deterministic transforms "
-            "with Dataset.map first",
-        )
-
-
-def check_text_only(dataset: Any) -> None:
-    """chatsft trains text-only models; TRL's error (and wording) for image data."""
-    columns = set(getattr(dataset, "column_names", None) or [])
-    if columns & {"image", "images"}:
-        raise ValueError(
-            "The dataset appears to be vision-related (it has an 'image' or 'images' column), but "
-            "chatsft trains text-only models, not a vision-language model: remove the image "
-            "columns, or train with TRL"
-        )
-
-
-def check_labels_present(named: dict[str, Any]) -> None:
-    """With skip_prepare_dataset nothing turns mask columns into labels: a dataset carrying masks
-    but no labels would silently train on every token."""
-    for name, dataset in named.items():
-        sets = dataset.values() if isinstance(dataset, dict) else [dataset]
-        for ds in sets:
-            cols = set(getattr(ds, "column_names", None) or [])
-            if "labels" not in cols and cols & {"completion_mask", "assistant_masks"}:
-                raise ChatSFTError(
-                    f"the {name} dataset has mask columns but no 'labels', and "
-                    "skip_prepare_dataset=True skips building labels, so it would train on every "
-                    "token",
-                    field="dataset_kwargs",
-                    hint="Add a 'labels' column (-100 for tokens not trained) or drop "
-                    "skip_prepare_dataset",
-                )
-
-
-def as_sft_config(args: TrainingArguments | None) -> SFTConfig:
-    if args is None:
-        return SFTConfig()
-    if isinstance(args, SFTConfig):
-        return args
-    # A plain TrainingArguments: keep every value the user set, add SFT defaults.
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-    return SFTConfig(**values)
-
-
-def model_init_kwargs(
-    args: SFTConfig, model: Any, quantization_config: Any | None
-) -> dict[str, Any] | None:
-    """from_pretrained's keyword arguments: model_init_kwargs, plus TRL's quantization_config
-    argument and trust_remote_code field."""
-    kwargs = dict(args.model_init_kwargs or {})
-    if isinstance(model, str):
-        kwargs = training_init_kwargs(kwargs)
-    if quantization_config is not None:
-        if not isinstance(model, str):
-            raise ChatSFTError(
-                "quantization_config only applies when model is a hub id or a path",
-                field="quantization_config",
-                hint="quantize the model yourself, or pass it by name",
-            )
-        if "quantization_config" in kwargs:
-            raise ChatSFTError(
-                "quantization_config is set both as an SFTTrainer argument and in "
-                "model_init_kwargs",
-                field="quantization_config",
-                hint="set it in one place",
-            )
-        kwargs["quantization_config"] = quantization_config
-    if args.trust_remote_code and isinstance(model, str):
-        kwargs.setdefault("trust_remote_code", True)
-    return kwargs or None
-
-
-def prep_options(args: SFTConfig, tokenizer: Any) -> PrepOptions:
-    return prep_options_of(args, tokenizer.eos_token)
-
-
-def default_collator(args: SFTConfig, model: torch.nn.Module, tokenizer: Any) -> Callable:
-    """Padding-free rows when asked (packing, padding_free) and where the model keeps documents
-    apart in them; by default (padding_free None) wherever that is strictly better: same loss, no
-    pad compute."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if args.packing or args.eval_packing or args.padding_free:
-        why = shared_rows_refusal(model)
-        if why is not None:
-            raise ChatSFTError(
-                f"packing and padding_free put several documents in one row, but {why}",
-                field="packing" if args.packing or args.eval_packing else "padding_free",
-                hint="set packing: false and padding_free: false (padded rows keep documents "
-                "apart)",
-            )
-        return PaddingFreeCollator(pad_id, args.pad_to_multiple_of)
-    auto = args.padding_free is None and isolates_without_dense_mask(model)
-    if auto and shared_rows_refusal(model) is None:
-        return PaddingFreeCollator(pad_id, args.pad_to_multiple_of)
-    return PaddedCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
-
-
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _activation_kind(args: SFTConfig, model: torch.nn.Module) -> tuple[str, torch.dtype | None]:
-    """(device type, dtype) that attention will see in training, for the log line."""
-    if args.bf16:
-        return args.device.type, torch.bfloat16
-    if args.fp16:
-        return args.device.type, torch.float16
-    return args.device.type, next(model.parameters(), torch.empty(0)).dtype
 
 
 class SFTTrainer(Trainer):
@@ -301,7 +173,7 @@ class SFTTrainer(Trainer):
             callbacks = [*(callbacks or []), self._report]
         if args.generation_eval is not None:
             # Before preparation: the prompts are cut from the raw eval rows.
-            sampler = _generation_eval(args, eval_dataset, tokenizer, formatting_func)
+            sampler = generation_eval_callback(args, eval_dataset, tokenizer, formatting_func)
             callbacks = [*(callbacks or []), sampler]
         prep_kwargs = dict(
             packing=args.packing,
@@ -322,7 +194,7 @@ class SFTTrainer(Trainer):
         if data_collator is None:
             data_collator = default_collator(args, model, tokenizer)
             if isinstance(data_collator, PaddingFreeCollator):
-                self._say(args, use_document_attention(model, *_activation_kind(args, model)))
+                self._say(args, use_document_attention(model, *activation_kind(args, model)))
         # torch_compile: compile the decoder layers ourselves (regional, dynamic length) unless
         # FSDP/DeepSpeed wrap the model, where accelerate's own compile path applies.
         self._compiled_layers = False
@@ -350,7 +222,7 @@ class SFTTrainer(Trainer):
         # must count those tokens (num_items_in_batch) and must not divide by the accumulation steps.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
-        self._forward_keys = _forward_keys(model)
+        self._forward_keys = forward_keys(model)
         # Sharded weights (FSDP, ZeRO-3) only exist inside their module's forward: plain path.
         self._chunked_loss = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         self._sums: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
@@ -670,60 +542,8 @@ class SFTTrainer(Trainer):
             metrics=final_metrics(self.state.log_history),
             policy=mask_policy(self.args),
             peft=lora_summary(self.model),
-            tags=list(getattr(_base_model(self.model), "model_tags", None) or MODEL_TAGS),
+            tags=list(getattr(base_model(self.model), "model_tags", None) or MODEL_TAGS),
             settings=settings,
         )
         with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
-
-
-def model_name(model: torch.nn.Module) -> str | None:
-    """The hub id or folder a model was loaded from (None for a module built in memory)."""
-    config = getattr(_base_model(model), "config", None)
-    return getattr(config, "_name_or_path", None) or None
-
-
-def lora_summary(model: torch.nn.Module) -> dict[str, Any] | None:
-    config = (getattr(model, "peft_config", None) or {}).get("default")
-    if config is None:
-        return None
-    targets = getattr(config, "target_modules", None)  # prompt tuning has none
-    return {
-        "type": str(getattr(config, "peft_type", "LORA")).split(".")[-1],
-        "r": getattr(config, "r", None),
-        "alpha": getattr(config, "lora_alpha", None),
-        "dropout": getattr(config, "lora_dropout", None),
-        "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets,
-    }
-
-
-def _generation_eval(
-    args: SFTConfig, eval_dataset: Any, tokenizer: Any, formatting_func: Callable | None
-) -> TrainerCallback:
-    if args.eval_strategy == "no":
-        warnings.warn(
-            "generation_eval samples at each evaluation, but eval_strategy is 'no'; set "
-            "eval_strategy: steps (with eval_steps) or call trainer.evaluate()",
-            stacklevel=3,
-        )
-    return generation_eval_callback_from_config(
-        args.generation_eval,
-        eval_dataset,
-        tokenizer,
-        dataset_format=args.dataset_format,
-        column_map=args.column_map,
-        dataset_text_field=args.dataset_text_field,
-        prompt_template=args.prompt_template,
-        formatting_func=formatting_func,
-    )
-
-
-def _forward_keys(model: torch.nn.Module) -> set[str] | None:
-    """For plain modules, the batch keys their forward accepts (None: pass everything)."""
-    base = _base_model(model)
-    if isinstance(base, PreTrainedModel):
-        return None
-    params = inspect.signature(base.forward).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return None
-    return set(params)

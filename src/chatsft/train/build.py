@@ -1,0 +1,220 @@
+"""What the SFTTrainer is built from: the config, the model's loading arguments, the collator, and
+TRL's checks of the datasets it is given. Pure functions; the trainer only wires them."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import datasets
+import torch
+from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
+
+from ..config import SFTConfig
+from ..data.collate import PaddedCollator, PaddingFreeCollator
+from ..data.tokenize import PrepOptions, prep_options_of
+from ..errors import ChatSFTError
+from ..generation.callback import generation_eval_callback_from_config
+from ..model.attention import (
+    isolates_without_dense_mask,
+    shared_rows_refusal,
+)
+from ..model.load import (
+    training_init_kwargs,
+)
+
+PREPARED_COLUMNS = ("input_ids", "labels", "seq_lengths", "attention_mask", "position_ids")
+
+
+# Tags written to the model card. "sft" is what TRL-based tooling and hub filters look for; a model
+# trained by chatsft does not claim TRL's own "trl" tag.
+MODEL_TAGS = ["chatsft", "sft"]
+
+
+def check_train_dataset(train_dataset: Any) -> None:
+    """TRL's errors (same types and wording) for a missing or unsupported train_dataset."""
+    if train_dataset is None:
+        raise ValueError("`train_dataset` is required")
+    if not isinstance(
+        train_dataset,
+        (datasets.Dataset, datasets.IterableDataset, torch.utils.data.Dataset),
+    ) or isinstance(train_dataset, dict):
+        raise TypeError(
+            f"`train_dataset` must be a `Dataset` or `IterableDataset`, got "
+            f"`{type(train_dataset).__name__}`; for a DatasetDict pass one split, e.g. "
+            "dataset['train']"
+        )
+
+
+def check_no_transform(dataset: Any, name: str) -> None:
+    """Preparation reads rows through Dataset.with_transform and would bake a random transform's
+    one draw into the tokenized data; TRL refuses this too."""
+    if isinstance(dataset, datasets.Dataset) and dataset.format.get("type") == "custom":
+        raise ChatSFTError(
+            f"the {name} dataset uses Dataset.with_transform() (or set_transform): preparation "
+            "would tokenize one fixed draw of a random transform",
+            field="train_dataset" if name == "train" else "eval_dataset",
+            hint="pass dataset_kwargs={'skip_prepare_dataset': True} with a transform that "
+            "returns trainer-ready rows (input_ids, labels), or apply deterministic transforms "
+            "with Dataset.map first",
+        )
+
+
+def check_text_only(dataset: Any) -> None:
+    """chatsft trains text-only models; TRL's error (and wording) for image data."""
+    columns = set(getattr(dataset, "column_names", None) or [])
+    if columns & {"image", "images"}:
+        raise ValueError(
+            "The dataset appears to be vision-related (it has an 'image' or 'images' column), but "
+            "chatsft trains text-only models, not a vision-language model: remove the image "
+            "columns, or train with TRL"
+        )
+
+
+def check_labels_present(named: dict[str, Any]) -> None:
+    """With skip_prepare_dataset nothing turns mask columns into labels: a dataset carrying masks
+    but no labels would silently train on every token."""
+    for name, dataset in named.items():
+        sets = dataset.values() if isinstance(dataset, dict) else [dataset]
+        for ds in sets:
+            cols = set(getattr(ds, "column_names", None) or [])
+            if "labels" not in cols and cols & {"completion_mask", "assistant_masks"}:
+                raise ChatSFTError(
+                    f"the {name} dataset has mask columns but no 'labels', and "
+                    "skip_prepare_dataset=True skips building labels, so it would train on every "
+                    "token",
+                    field="dataset_kwargs",
+                    hint="Add a 'labels' column (-100 for tokens not trained) or drop "
+                    "skip_prepare_dataset",
+                )
+
+
+def as_sft_config(args: TrainingArguments | None) -> SFTConfig:
+    if args is None:
+        return SFTConfig()
+    if isinstance(args, SFTConfig):
+        return args
+    # A plain TrainingArguments: keep every value the user set, add SFT defaults.
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+    return SFTConfig(**values)
+
+
+def model_init_kwargs(
+    args: SFTConfig, model: Any, quantization_config: Any | None
+) -> dict[str, Any] | None:
+    """from_pretrained's keyword arguments: model_init_kwargs, plus TRL's quantization_config
+    argument and trust_remote_code field."""
+    kwargs = dict(args.model_init_kwargs or {})
+    if isinstance(model, str):
+        kwargs = training_init_kwargs(kwargs)
+    if quantization_config is not None:
+        if not isinstance(model, str):
+            raise ChatSFTError(
+                "quantization_config only applies when model is a hub id or a path",
+                field="quantization_config",
+                hint="quantize the model yourself, or pass it by name",
+            )
+        if "quantization_config" in kwargs:
+            raise ChatSFTError(
+                "quantization_config is set both as an SFTTrainer argument and in "
+                "model_init_kwargs",
+                field="quantization_config",
+                hint="set it in one place",
+            )
+        kwargs["quantization_config"] = quantization_config
+    if args.trust_remote_code and isinstance(model, str):
+        kwargs.setdefault("trust_remote_code", True)
+    return kwargs or None
+
+
+def prep_options(args: SFTConfig, tokenizer: Any) -> PrepOptions:
+    return prep_options_of(args, tokenizer.eos_token)
+
+
+def default_collator(args: SFTConfig, model: torch.nn.Module, tokenizer: Any) -> Callable:
+    """Padding-free rows when asked (packing, padding_free) and where the model keeps documents
+    apart in them; by default (padding_free None) wherever that is strictly better: same loss, no
+    pad compute."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if args.packing or args.eval_packing or args.padding_free:
+        why = shared_rows_refusal(model)
+        if why is not None:
+            raise ChatSFTError(
+                f"packing and padding_free put several documents in one row, but {why}",
+                field="packing" if args.packing or args.eval_packing else "padding_free",
+                hint="set packing: false and padding_free: false (padded rows keep documents "
+                "apart)",
+            )
+        return PaddingFreeCollator(pad_id, args.pad_to_multiple_of)
+    auto = args.padding_free is None and isolates_without_dense_mask(model)
+    if auto and shared_rows_refusal(model) is None:
+        return PaddingFreeCollator(pad_id, args.pad_to_multiple_of)
+    return PaddedCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def activation_kind(args: SFTConfig, model: torch.nn.Module) -> tuple[str, torch.dtype | None]:
+    """(device type, dtype) that attention will see in training, for the log line."""
+    if args.bf16:
+        return args.device.type, torch.bfloat16
+    if args.fp16:
+        return args.device.type, torch.float16
+    return args.device.type, next(model.parameters(), torch.empty(0)).dtype
+
+
+def model_name(model: torch.nn.Module) -> str | None:
+    """The hub id or folder a model was loaded from (None for a module built in memory)."""
+    config = getattr(base_model(model), "config", None)
+    return getattr(config, "_name_or_path", None) or None
+
+
+def lora_summary(model: torch.nn.Module) -> dict[str, Any] | None:
+    config = (getattr(model, "peft_config", None) or {}).get("default")
+    if config is None:
+        return None
+    targets = getattr(config, "target_modules", None)  # prompt tuning has none
+    return {
+        "type": str(getattr(config, "peft_type", "LORA")).split(".")[-1],
+        "r": getattr(config, "r", None),
+        "alpha": getattr(config, "lora_alpha", None),
+        "dropout": getattr(config, "lora_dropout", None),
+        "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets,
+    }
+
+
+def generation_eval_callback(
+    args: SFTConfig, eval_dataset: Any, tokenizer: Any, formatting_func: Callable | None
+) -> TrainerCallback:
+    if args.eval_strategy == "no":
+        warnings.warn(
+            "generation_eval samples at each evaluation, but eval_strategy is 'no'; set "
+            "eval_strategy: steps (with eval_steps) or call trainer.evaluate()",
+            stacklevel=3,
+        )
+    return generation_eval_callback_from_config(
+        args.generation_eval,
+        eval_dataset,
+        tokenizer,
+        dataset_format=args.dataset_format,
+        column_map=args.column_map,
+        dataset_text_field=args.dataset_text_field,
+        prompt_template=args.prompt_template,
+        formatting_func=formatting_func,
+    )
+
+
+def forward_keys(model: torch.nn.Module) -> set[str] | None:
+    """For plain modules, the batch keys their forward accepts (None: pass everything)."""
+    base = base_model(model)
+    if isinstance(base, PreTrainedModel):
+        return None
+    params = inspect.signature(base.forward).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
