@@ -56,6 +56,7 @@ from .train.build import (
     prep_options,
 )
 from .train.checkpoints import newest_complete_checkpoint, save_failed, write_run_file
+from .train.metrics import RunMetrics
 from .train.model_card import final_metrics, mask_policy, model_card, non_default_settings, plain
 from .train.nonfinite import NonFiniteGuard, NonFiniteStep
 
@@ -225,10 +226,7 @@ class SFTTrainer(Trainer):
         self._forward_keys = forward_keys(model)
         # Sharded weights (FSDP, ZeRO-3) only exist inside their module's forward: plain path.
         self._chunked_loss = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-        self._sums: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
-        self._aux: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
-        self._aux_logged: list[float] = []
-        self.num_trained_tokens = 0
+        self.metrics = RunMetrics()
         self.nonfinite_steps: list[int] = []
         self._nonfinite = NonFiniteGuard()
         self._steps_since_log = 0
@@ -363,10 +361,10 @@ class SFTTrainer(Trainer):
                 else 1
             )
             loss = loss + self.router_aux_loss_coef * aux / steps
-            self._aux[mode].append(aux.detach().float())
+            self.metrics.add_aux(mode, aux)
         if model.training and self._guards_nonfinite():
             loss = self._nonfinite.poison(loss)
-        self._sums[mode].append(torch.stack([parts.num_tokens, parts.num_correct]).detach())
+        self.metrics.add(mode, parts.num_tokens, parts.num_correct)
         return (loss, outputs) if return_outputs else loss
 
     def _guards_nonfinite(self) -> bool:
@@ -442,8 +440,16 @@ class SFTTrainer(Trainer):
         only_loss = prediction_loss_only or self.compute_metrics is None
         return super().prediction_step(model, inputs, only_loss, ignore_keys)
 
+    @property
+    def num_trained_tokens(self) -> int:
+        return self.metrics.num_trained_tokens
+
+    def _reduce(self, tensor: torch.Tensor, how: str) -> torch.Tensor:
+        if self.accelerator.num_processes > 1:
+            return self.accelerator.reduce(tensor, reduction=how)
+        return tensor
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        is_eval = any(k.startswith("eval_") for k in logs)
         if "loss" in logs:  # a training log: the host reads the loss now anyway
             skipped = len(self._report_nonfinite())
             if skipped:  # the Trainer averaged over every step of the window; skipped ones add 0
@@ -452,41 +458,7 @@ class SFTTrainer(Trainer):
                     logs["loss"] * self._steps_since_log / applied if applied else math.nan
                 )
             self._steps_since_log = 0
-        aux = self._aux["eval" if is_eval else "train"]
-        if aux:
-            mean = torch.stack(aux).mean()
-            if self.accelerator.num_processes > 1:
-                mean = self.accelerator.reduce(mean, reduction="mean")
-            logs["eval_aux_loss" if is_eval else "aux_loss"] = mean.item()
-            if not is_eval:
-                self._aux_logged.append(logs["aux_loss"])
-            aux.clear()
-        if "train_loss" in logs and self._aux_logged:  # the run's summary, as TRL logs it
-            logs["aux_loss"] = sum(self._aux_logged) / len(self._aux_logged)
-        sums = self._sums["eval" if is_eval else "train"]
-        if sums:
-            total = torch.stack(sums).sum(0)
-            if self.accelerator.num_processes > 1:
-                total = self.accelerator.reduce(total, reduction="sum")
-            tokens, correct = (int(x) for x in total.tolist())
-            sums.clear()
-            accuracy = correct / max(tokens, 1)
-            if is_eval:
-                prefix = next((k[: -len("loss")] for k in logs if k.endswith("_loss")), "eval_")
-                logs[f"{prefix}mean_token_accuracy"] = accuracy
-            else:
-                if not self.num_trained_tokens:  # after --resume: continue the logged count
-                    self.num_trained_tokens = next(
-                        (
-                            e["num_trained_tokens"]
-                            for e in reversed(self.state.log_history)
-                            if "num_trained_tokens" in e
-                        ),
-                        0,
-                    )
-                self.num_trained_tokens += tokens
-                logs["num_trained_tokens"] = self.num_trained_tokens
-                logs["mean_token_accuracy"] = accuracy
+        self.metrics.fill(logs, self._reduce, self.state.log_history)
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
