@@ -13,7 +13,7 @@ from typing import Any
 import datasets
 import torch
 import yaml
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import rotate_checkpoints
 
 from .config import SFTConfig
@@ -26,15 +26,6 @@ from .model.attention import (
     use_document_attention,
 )
 from .model.compile import compile_decoder_layers
-from .model.gguf import find_gguf, load_gguf
-from .model.load import (
-    apply_peft,
-    half_precision_cost,
-    load_model,
-    load_tokenizer,
-    sync_special_tokens,
-    training_init_kwargs,
-)
 from .model.loss import supervised_loss
 from .model.moe import router_aux_coef
 from .train.build import (
@@ -50,9 +41,8 @@ from .train.build import (
     default_collator,
     forward_keys,
     generation_eval_callback,
+    load_for_training,
     lora_summary,
-    model_init_kwargs,
-    model_name,
     prep_options,
 )
 from .train.checkpoints import newest_complete_checkpoint, save_failed, write_run_file
@@ -101,61 +91,18 @@ class SFTTrainer(Trainer):
         set_verbosity(str(args.log_level))
         check_train_dataset(train_dataset)
         check_text_only(train_dataset)
-        if isinstance(model, str) and os.path.isdir(os.path.expanduser(model)):
-            # Recorded in adapter_config.json and the model card: valid from any folder.
-            model = os.path.abspath(os.path.expanduser(model))
         # What saved folders record: the CLI sets the settings it parsed and its command line.
         self.run_record: dict[str, Any] | None = None
         self.run_command: str | None = None
         self._report: Any = None
-        if args.model_init_kwargs and not isinstance(model, str):
-            raise ChatSFTError(
-                "model_init_kwargs only apply when model is a hub id or a path",
-                field="model_init_kwargs",
-                hint="remove them or pass the model by name",
-            )
-        gguf_file = find_gguf(model) if isinstance(model, str) else None
-        if gguf_file is not None:
-            dtype = training_init_kwargs(args.model_init_kwargs)["dtype"]
-            model, gguf_tokenizer = load_gguf(gguf_file, dtype)
-            if processing_class is None and tokenizer is None:
-                processing_class = gguf_tokenizer
-            self._say(
-                args,
-                f"model: {gguf_file} read through transformers, dequantized to {dtype}; tokenizer "
-                "and chat template from the file (`chatsft import-gguf` saves it once as a "
-                "folder, so later runs skip this step)",
-            )
-        tokenizer = load_tokenizer(
-            model,
-            processing_class if processing_class is not None else tokenizer,
-            chat_template_path=args.chat_template_path,
-            eos_token=args.eos_token,
-            pad_token=args.pad_token,
-            trust_remote_code=args.trust_remote_code,
-            revision=(args.model_init_kwargs or {}).get("revision"),
-        )
-        # peft draws its adapter weights at random: seed first, so a run is reproducible.
-        set_seed(args.seed)
-        model = load_model(model, model_init_kwargs(args, model, quantization_config))
-        self._say(args, sync_special_tokens(model, tokenizer, args.eos_token is not None))
-        model = apply_peft(model, peft_config)
-        self._model_name = gguf_file or model_name(model)
+        given = processing_class if processing_class is not None else tokenizer
+        loaded = load_for_training(model, args, given, quantization_config, peft_config)
+        model, tokenizer, self._model_name = loaded.model, loaded.tokenizer, loaded.name
+        for line in loaded.log:
+            self._say(args, line)
         # TRL's attribute names: the router loss weight, and whether it is on.
         self.router_aux_loss_coef = router_aux_coef(model, args.router_aux_loss_coef)
         self.aux_loss_enabled = bool(self.router_aux_loss_coef)
-        if hasattr(model, "add_model_tags"):  # into the model card on save / push_to_hub
-            model.add_model_tags(MODEL_TAGS)
-        self._say(
-            args,
-            half_precision_cost(
-                model, str(getattr(args.optim, "value", args.optim)), args.learning_rate
-            ),
-        )
-        if peft_config is not None:
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            total = sum(p.numel() for p in model.parameters())
-            self._say(args, f"peft: {trainable:,} trainable of {total:,} parameters")
         self.prep_stats: dict[str, Any] = {}
         self._prepared_sets: list[Any] = []
         extra = dict(args.dataset_kwargs or {})

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
 import torch
-from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, TrainerCallback, TrainingArguments, set_seed
 
 from ..config import SFTConfig
 from ..data.collate import PaddedCollator, PaddingFreeCollator
@@ -22,7 +24,13 @@ from ..model.attention import (
     isolates_without_dense_mask,
     shared_rows_refusal,
 )
+from ..model.gguf import find_gguf, load_gguf
 from ..model.load import (
+    apply_peft,
+    half_precision_cost,
+    load_model,
+    load_tokenizer,
+    sync_special_tokens,
     training_init_kwargs,
 )
 
@@ -218,3 +226,66 @@ def forward_keys(model: torch.nn.Module) -> set[str] | None:
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return None
     return set(params)
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: Any
+    name: str | None  # the hub id, folder or GGUF file it came from (for the model card)
+    log: list[str]
+
+
+def load_for_training(
+    model: str | torch.nn.Module,
+    args: SFTConfig,
+    processing_class: Any | None,
+    quantization_config: Any | None,
+    peft_config: Any | None,
+) -> Loaded:
+    """The model and tokenizer a run trains, as TRL loads them: by name in float32 (or a GGUF
+    file), the tokenizer's pad/EOS mirrored into the model's configs, seeded before peft draws its
+    adapter weights, tagged for the model card. Returns the log lines to print."""
+    log: list[str] = []
+    if isinstance(model, str) and os.path.isdir(os.path.expanduser(model)):
+        # Recorded in adapter_config.json and the model card: valid from any folder.
+        model = os.path.abspath(os.path.expanduser(model))
+    if args.model_init_kwargs and not isinstance(model, str):
+        raise ChatSFTError(
+            "model_init_kwargs only apply when model is a hub id or a path",
+            field="model_init_kwargs",
+            hint="remove them or pass the model by name",
+        )
+    gguf_file = find_gguf(model) if isinstance(model, str) else None
+    if gguf_file is not None:
+        dtype = training_init_kwargs(args.model_init_kwargs)["dtype"]
+        model, gguf_tokenizer = load_gguf(gguf_file, dtype)
+        processing_class = processing_class if processing_class is not None else gguf_tokenizer
+        log.append(
+            f"model: {gguf_file} read through transformers, dequantized to {dtype}; tokenizer "
+            "and chat template from the file (`chatsft import-gguf` saves it once as a folder, "
+            "so later runs skip this step)"
+        )
+    tokenizer = load_tokenizer(
+        model,
+        processing_class,
+        chat_template_path=args.chat_template_path,
+        eos_token=args.eos_token,
+        pad_token=args.pad_token,
+        trust_remote_code=args.trust_remote_code,
+        revision=(args.model_init_kwargs or {}).get("revision"),
+    )
+    set_seed(args.seed)  # peft draws its adapter weights at random: a run is reproducible
+    model = load_model(model, model_init_kwargs(args, model, quantization_config))
+    log.append(sync_special_tokens(model, tokenizer, args.eos_token is not None) or "")
+    model = apply_peft(model, peft_config)
+    if hasattr(model, "add_model_tags"):  # into the model card on save / push_to_hub
+        model.add_model_tags(MODEL_TAGS)
+    optim = str(getattr(args.optim, "value", args.optim))
+    log.append(half_precision_cost(model, optim, args.learning_rate) or "")
+    if peft_config is not None:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log.append(f"peft: {trainable:,} trainable of {total:,} parameters")
+    name = gguf_file or model_name(model)
+    return Loaded(model, tokenizer, name, [line for line in log if line])
