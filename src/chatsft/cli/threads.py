@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-# Below this many parameters one thread is fastest (measured: see README "CPU threads").
+# Below this many parameters one thread is fastest and robust (docs/benchmarks.md, "CPU threads").
 ONE_THREAD_BELOW = 20_000_000
 
 
