@@ -1,7 +1,15 @@
 """Every row format, prompt templates, pre-tokenized rows, last-turn-only, the split policy, and the
-template-agnostic assistant mask checked against a template's own {% generation %} mask."""
+template-agnostic assistant mask checked against a template's own {% generation %} mask. Rows that
+would fail later (nested too deep, ids the loss cannot take) and templates that fail or never end
+are named by row and field."""
 
 from __future__ import annotations
+
+import pickle
+import re
+import signal
+import threading
+import time
 
 import datasets
 import pytest
@@ -9,6 +17,8 @@ from conftest import chats, trained_mask_of
 from test_masks import prepare, trained_text
 
 from chatsft import ChatSFTError, SFTConfig
+from chatsft.data import templates
+from chatsft.data.formats import MAX_DEPTH, normalize
 from chatsft.data.prepare import prepare_for_training
 from chatsft.data.tokenize import PrepOptions
 
@@ -177,3 +187,134 @@ def test_streaming_dataset_trains(tmp_path, model_dir):
     trainer.train()
     assert trainer.state.global_step == 2
     assert trainer.train_dataset.stats.rows_read > 0
+
+
+# A value nested 100,000 levels: json, pyarrow and Jinja's tojson overflow the stack on it.
+def deep(levels: int = 100_000) -> list:
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+def test_rows_nested_too_deep_name_row_and_field():
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    cases = [
+        ({"messages": deep()}, "messages", "messages"),
+        ({"conversations": deep()}, "sharegpt", "conversations"),
+        ({"prompt": deep(), "completion": chat[1:]}, "prompt_completion", "prompt"),
+        ({"messages": chat, "tools": [{"function": deep(40)}]}, "messages", "tools"),
+        ({"messages": chat, "tools": "[" * 100_000 + "]" * 100_000}, "messages", "tools"),
+        (
+            {"messages": chat, "chat_template_kwargs": {"x": deep()}},
+            "messages",
+            "chat_template_kwargs",
+        ),
+    ]
+    for row, fmt, field in cases:
+        with pytest.raises(ChatSFTError) as err:
+            normalize(row, fmt, row_index=3, source="rows.jsonl")
+        assert str(err.value).startswith(
+            f"rows.jsonl, row 3, field '{field}': nested more than {MAX_DEPTH} levels deep"
+        )
+    # The limit itself is allowed: a value of exactly MAX_DEPTH levels.
+    row = {"messages": chat, "tools": [{"function": deep(MAX_DEPTH - 2)}]}
+    assert normalize(row, "messages", row_index=1).tools == row["tools"]
+
+
+def test_pretokenized_rows_that_would_fail_mid_training(tokenizer):
+    cases = [
+        ({"input_ids": [5, -1, 7]}, "field 'input_ids': token id -1 is negative"),
+        ({"input_ids": [5, 6.5, 7]}, "field 'input_ids': expected a non-empty list of token ids"),
+        (
+            {"input_ids": [5, 6], "labels": [-100, -3]},
+            "field 'labels': label -3 is neither a token id nor -100",
+        ),
+        ({"input_ids": [5, 6], "labels": [[5], [6]]}, "field 'labels': expected a list of token"),
+        ({"input_ids": [5, 6], "completion_mask": 1}, "field 'completion_mask': expected a list"),
+    ]
+    for row, message in cases:
+        with pytest.raises(ChatSFTError, match=re.escape(f"row 1, {message}")):
+            normalize(row, "tokenized", row_index=1)
+    # -100 and token ids are labels; bool flags are masks.
+    example = normalize({"input_ids": [5, 6], "labels": [-100, 6]}, "tokenized", row_index=1)
+    assert example.labels == [-100, 6]
+    ds, _ = prepare([{"input_ids": [5, 6, 7], "completion_mask": [False, True, True]}], tokenizer)
+    assert trained_mask_of(ds[0]) == [False, True, True]
+
+
+def test_tool_calls_must_be_a_list_of_objects():
+    user = {"role": "user", "content": "add two and three"}
+    for calls, got in (("add(2, 3)", "str"), ([{"type": "function"}, "x"], "list of dict, str")):
+        reply = {"role": "assistant", "tool_calls": calls}
+        with pytest.raises(ChatSFTError, match=re.escape(f"got {got}")):
+            normalize({"messages": [user, reply]}, "messages", row_index=1)
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    row = {"messages": [user, {"role": "assistant", "tool_calls": [call]}]}
+    assert normalize(row, "messages", row_index=1).messages[1]["tool_calls"] == [call]
+
+
+BOOM = (
+    "{% for m in messages %}{% if m['content'] == 'boom' %}{{ raise_exception('no boom') }}"
+    "{% endif %}{{ m['content'] }}{% endfor %}"
+)
+# 10^10 iterations of an empty loop: several minutes, unless stopped.
+ENDLESS = "{% for i in range(100000) %}\n{% for j in range(100000) %}{% endfor %}{% endfor %}"
+
+
+def test_template_errors_name_the_row(tokenizer):
+    tokenizer.chat_template = BOOM
+    rows = chats(2) + [
+        {"messages": [{"role": "user", "content": "boom"}, *chats(1)[0]["messages"][1:]]}
+    ]
+    with pytest.raises(ChatSFTError) as err:
+        prepare(rows, tokenizer)
+    assert (
+        "row 3, field 'chat_template': the chat template failed to render at template line 1: "
+        "no boom" in str(err.value)
+    )
+
+
+@pytest.mark.parametrize("plain", [True, False], ids=["compiled", "apply_chat_template"])
+def test_a_template_that_never_ends_is_stopped(tokenizer, monkeypatch, plain):
+    monkeypatch.setattr(templates, "RENDER_TIME_LIMIT_S", 0.3)
+    tokenizer.chat_template = ENDLESS
+    row = chats(1)[0]
+    if not plain:  # a key apply_chat_template converts: rendered by transformers itself
+        row["messages"][-1]["reasoning_content"] = "hmm"
+    start = time.monotonic()
+    with pytest.raises(ChatSFTError) as err:
+        prepare([row], tokenizer)
+    assert time.monotonic() - start < 10
+    assert (
+        "row 1, field 'chat_template': the chat template took more than 0.3 s to render one "
+        "example (still running at template line 2)" in str(err.value)
+    )
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # no timer left behind
+    # The same template renders an example with its loops cut short well within the limit.
+    tokenizer.chat_template = ENDLESS.replace("100000", "10") + "{{ messages[0]['content'] }}"
+    assert prepare(chats(3), tokenizer)[1].kept == 3
+
+
+def test_the_time_limit_leaves_other_alarms_and_threads_alone(tokenizer, monkeypatch):
+    monkeypatch.setattr(templates, "RENDER_TIME_LIMIT_S", 0.1)
+    # About 0.5 s of looping, then the text: over the limit.
+    tokenizer.chat_template = ENDLESS.replace("100000", "4000") + "{{ messages[0]['content'] }}"
+    row = chats(1)[0]
+    # A program's own SIGALRM handler is neither replaced nor raced: no limit applies.
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    try:
+        ds, _ = prepare([row], tokenizer)
+        assert len(ds) == 1 and signal.getsignal(signal.SIGALRM) is not templates._on_alarm
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert not fired
+    # Another thread renders without the limit (signals reach the main thread only).
+    results = []
+    thread = threading.Thread(target=lambda: results.append(prepare([row], tokenizer)[0]))
+    thread.start()
+    thread.join()
+    assert len(results[0]) == 1
+    err = templates.RenderTimeout(4)
+    assert pickle.loads(pickle.dumps(err)).message == err.message  # from map's worker processes

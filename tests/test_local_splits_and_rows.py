@@ -1,5 +1,6 @@
 """Local data folders keep their splits apart (train/test files are never mixed), and rows that
-TRL trains on (an empty system prompt, a Glaive-style tool reply) are accepted."""
+TRL trains on (an empty system prompt, a Glaive-style tool reply) are accepted. Streamed rows are
+named by file and row as map-style ones are, and take the same formatting_func results."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 from conftest import chats, offline_env
 from test_masks import prepare, trained_text
@@ -18,6 +20,8 @@ from chatsft.cli import main
 from chatsft.cli.build import datasets_of
 from chatsft.config import ScriptArguments, SFTConfig
 from chatsft.data.load import load_data
+from chatsft.data.prepare import prepare_for_training
+from chatsft.data.tokenize import PrepOptions
 
 EMPTY_SYSTEM = {
     "messages": [
@@ -186,3 +190,66 @@ def test_a_tool_reply_to_a_call_written_in_text_is_accepted(tokenizer):
 def test_rows_that_are_still_malformed(tokenizer, messages, field, message):
     with pytest.raises(ChatSFTError, match=re.escape(f"row 1, field '{field}': {message}")):
         prepare([{"messages": messages}], tokenizer)
+
+
+def stream_of(path: Path, tokenizer, **kw):
+    from chatsft.data.streaming import ConstantLengthDataset
+
+    opts = PrepOptions(eos_token=tokenizer.eos_token, max_length=64)
+    return ConstantLengthDataset(load_data(str(path), streaming=True), tokenizer, opts, **kw)
+
+
+@pytest.mark.parametrize("bad_row,buffer_size", [(1, 8), (3, 2)], ids=["first row", "next buffer"])
+def test_a_streamed_bad_row_is_named_by_file_and_row(tmp_path, tokenizer, bad_row, buffer_size):
+    rows = chats(4)
+    rows[bad_row - 1]["messages"][0]["role"] = "wizard"
+    data = write_jsonl(tmp_path / "stream.jsonl", rows)
+    stream = stream_of(data, tokenizer, buffer_size=buffer_size)
+    expected = f"{data}, row {bad_row}, field 'messages[0].role': unknown role 'wizard'"
+    with pytest.raises(ChatSFTError, match=re.escape(expected)):
+        list(stream)
+    # The map path names the same row.
+    with pytest.raises(ChatSFTError, match=re.escape(f"row {bad_row}, field 'messages[0].role'")):
+        prepare(rows, tokenizer)
+
+
+def test_streamed_rows_name_what_they_can(tmp_path, tokenizer):
+    from chatsft.data.streaming import ConstantLengthDataset, stream_source
+
+    opts = PrepOptions(eos_token=tokenizer.eos_token, max_length=64)
+    rows = [*chats(1), {"messages": [{"role": "user", "content": "hi"}]}]  # no reply
+    with pytest.raises(ChatSFTError, match=r"^row 2, field 'messages': conversation has no"):
+        list(ConstantLengthDataset(iter(rows), tokenizer, opts))  # plain Python rows: no file
+    given = ConstantLengthDataset(iter(rows), tokenizer, opts, source="mine.jsonl")
+    with pytest.raises(ChatSFTError, match=r"^mine.jsonl, row 2, field 'messages'"):
+        list(given)
+    # A folder of files names the folder; a shuffled stream says its rows are counted shuffled.
+    write_jsonl(tmp_path / "d" / "part-a.jsonl", chats(2))
+    write_jsonl(tmp_path / "d" / "part-b.jsonl", chats(2))
+    folder = load_data(str(tmp_path / "d"), streaming=True)
+    assert stream_source(folder) == str(tmp_path / "d")
+    assert stream_source(folder.shuffle(seed=0)).endswith(" (rows counted in shuffled order)")
+
+
+def test_a_streamed_file_that_cannot_be_read_is_named(tmp_path, tokenizer):
+    data = tmp_path / "ragged.csv"
+    data.write_text("prompt,completion\nhi,yo\nwhat is two, plus two,four\n")
+    with pytest.raises(ChatSFTError, match=r"ragged.csv, row 2: 3 fields but the header has 2"):
+        list(stream_of(data, tokenizer))
+
+
+def test_streaming_takes_a_formatting_func_returning_a_one_element_list(tmp_path, tokenizer):
+    """Older TRL formatting funcs return [text]: text on the map path, and now when streaming."""
+
+    def formatting_func(row):
+        return [f"question : {row['q']} answer : {row['a']}"]
+
+    rows = [{"q": "what is two", "a": "four"}, {"q": "what is three", "a": "five"}]
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    streamed = list(stream_of(data, tokenizer, packing=False, formatting_func=formatting_func))
+    opts = PrepOptions(eos_token=tokenizer.eos_token, max_length=64)
+    mapped, _ = prepare_for_training(
+        datasets.Dataset.from_list(rows), tokenizer, opts, formatting_func=formatting_func
+    )
+    assert [r["input_ids"] for r in streamed] == mapped["input_ids"]
+    assert tokenizer.decode(streamed[0]["input_ids"]).startswith("question : what is two")

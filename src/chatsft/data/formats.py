@@ -6,9 +6,12 @@ Validation happens here, once, so every later stage can trust its input. Errors 
 from __future__ import annotations
 
 import json
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ..errors import ChatSFTError
 
@@ -27,6 +30,44 @@ SHAREGPT_ROLES = {
     "function_response": "tool",
     "observation": "tool",
 }
+
+
+# Levels of lists and objects allowed inside one row value (`[[1]]` is 2). Chat rows need 3 or 4,
+# tool calls and JSON schemas rarely 15; pyarrow refuses more than 62 (datasets' reader fails with
+# "Recursion level in ArrowSchema struct exceeded"), and JSON nested 1,000 deep overflows Python's
+# stack (RecursionError) in json, datasets and Jinja's tojson alike. Deeper values are corrupt or
+# hostile data, refused with the row and field instead.
+MAX_DEPTH = 32
+
+
+def too_deep(row: int | None, field: str | None, source: str | None) -> ChatSFTError:
+    return ChatSFTError(
+        f"nested more than {MAX_DEPTH} levels deep",
+        source=source,
+        row=row,
+        field=field,
+        hint="rows hold messages, text or token ids; a value this deep is corrupt data",
+    )
+
+
+_CONTAINERS = (list, tuple, dict)
+
+
+def check_depth(value: Any, row: int, field: str, source: str | None) -> None:
+    """Refuse a value nested more than MAX_DEPTH levels. Level by level, not recursive (a deep value
+    cannot overflow the stack here), visiting containers only: strings and numbers are leaves."""
+    level = [value]
+    depth = 0
+    while level:
+        depth += 1
+        if depth > MAX_DEPTH:
+            raise too_deep(row, field, source)
+        deeper = []
+        for v in level:
+            for child in v.values() if isinstance(v, dict) else v:
+                if isinstance(child, _CONTAINERS):
+                    deeper.append(child)
+        level = deeper
 
 
 @dataclass(frozen=True)
@@ -126,7 +167,18 @@ def check_messages(messages: Any, row: int, field: str, source: str | None) -> l
                 hint=f"roles are {', '.join(ROLES)}",
             )
         content = m.get("content")
-        has_calls = bool(m.get("tool_calls"))
+        calls = m.get("tool_calls")
+        if calls is not None and not (
+            isinstance(calls, list) and all(isinstance(c, Mapping) for c in calls)
+        ):
+            # A template iterates the calls: a string would render one "call" per character.
+            raise ChatSFTError(
+                "tool_calls must be a list of {type, function} objects, got " + _type_names(calls),
+                source=source,
+                row=row,
+                field=f"{where}.tool_calls",
+            )
+        has_calls = bool(calls)
         if content is None and not has_calls:
             raise ChatSFTError(
                 "content is missing or null", source=source, row=row, field=f"{where}.content"
@@ -153,6 +205,13 @@ def check_messages(messages: Any, row: int, field: str, source: str | None) -> l
         # Arrow fills absent keys of a struct column with None; templates test keys with `in`.
         out.append({k: v for k, v in m.items() if v is not None})
     return out
+
+
+def _type_names(value: Any) -> str:
+    """`str`, or `list of int, str` for a list: what a value is, for an error message."""
+    if isinstance(value, list) and value:
+        return "list of " + ", ".join(sorted({type(v).__name__ for v in value}))
+    return type(value).__name__
 
 
 def _follows_assistant(previous: list[dict]) -> bool:
@@ -184,6 +243,12 @@ def normalize(
     prompt_template: str | None = None,
 ) -> Example:
     """Turn one raw row into a validated Example."""
+    # The columns a chat format reads may be nested (messages, tool calls, schemas): their depth is
+    # checked before anything walks them recursively (a template's tojson, pyarrow).
+    for name in _NESTED_COLUMNS.get(fmt, ()):
+        value = row.get(name)
+        if isinstance(value, _CONTAINERS):
+            check_depth(value, row_index, name, source)
     if fmt == "sharegpt":
         row = {"messages": _sharegpt_messages(row.get("conversations"), row_index, source)}
         fmt = "messages"
@@ -217,6 +282,14 @@ def normalize(
     raise ChatSFTError(f"unknown dataset_format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
 
 
+_TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
+_NESTED_COLUMNS = {
+    "messages": ("messages", *_TEMPLATE_COLUMNS),
+    "sharegpt": ("conversations", *_TEMPLATE_COLUMNS),
+    "prompt_completion": ("prompt", "completion", *_TEMPLATE_COLUMNS),
+}
+
+
 def _template_inputs(
     row: Mapping[str, Any], row_index: int, source: str | None
 ) -> tuple[list[dict[str, Any]] | None, dict[str, Any] | None]:
@@ -234,6 +307,10 @@ def _template_inputs(
                 field="tools",
                 hint="give a list of JSON schemas, or a JSON string of one",
             ) from None
+        except RecursionError:  # nested about 1,000 deep
+            raise too_deep(row_index, "tools", source) from None
+        if isinstance(tools, _CONTAINERS):  # the JSON string was not checked
+            check_depth(tools, row_index, "tools", source)
     if tools and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise ChatSFTError(
             f"tools must be a list of JSON schemas (objects), got {type(tools).__name__}",
@@ -318,11 +395,30 @@ def _query_response(
         ) from None
 
 
+def _int_array(value: Any) -> array | None:
+    """`value` as 64-bit integers, or None if it is not a list of integers. array() checks every
+    item in C: no Python loop over the tokens."""
+    if not isinstance(value, list):
+        return None
+    try:
+        return array("q", value)
+    except (TypeError, OverflowError):
+        return None
+
+
 def _tokenized(row: Mapping[str, Any], row_index: int, source: str | None) -> Tokenized:
     ids = row.get("input_ids")
-    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+    checked = _int_array(ids)
+    if not checked:
         raise ChatSFTError(
             "expected a non-empty list of token ids",
+            source=source,
+            row=row_index,
+            field="input_ids",
+        )
+    if min(checked) < 0:  # an embedding lookup would fail mid-training, naming no row
+        raise ChatSFTError(
+            f"token id {min(checked)} is negative",
             source=source,
             row=row_index,
             field="input_ids",
@@ -330,12 +426,21 @@ def _tokenized(row: Mapping[str, Any], row_index: int, source: str | None) -> To
     labels = row.get("labels")
     if labels is not None:
         name = "labels"  # used as given, as TRL does (they may differ from input_ids)
+        _check_labels(labels, row_index, source)
     else:
         for name in ("completion_mask", "assistant_masks", "trained_mask"):
-            if row.get(name) is not None:
-                labels = [t if m else -100 for t, m in zip(ids, row[name])]
-                if len(row[name]) != len(ids):
-                    labels = row[name]  # reported below
+            mask = row.get(name)
+            if mask is not None:
+                if not isinstance(mask, list):
+                    raise ChatSFTError(
+                        f"expected a list of 0/1 flags, got {type(mask).__name__}",
+                        source=source,
+                        row=row_index,
+                        field=name,
+                    )
+                labels = [t if m else -100 for t, m in zip(ids, mask)]
+                if len(mask) != len(ids):
+                    labels = mask  # reported below
                 break
         else:
             labels, name = list(ids), "input_ids"
@@ -347,3 +452,26 @@ def _tokenized(row: Mapping[str, Any], row_index: int, source: str | None) -> To
             field=name,
         )
     return Tokenized(list(ids), list(labels))
+
+
+def _check_labels(labels: Any, row_index: int, source: str | None) -> None:
+    """Labels are token ids, or -100 where nothing is trained; any other negative value makes the
+    loss fail mid-training (an index error, or a device-side assert on a GPU)."""
+    checked = _int_array(labels)
+    if checked is None:
+        raise ChatSFTError(
+            f"expected a list of token ids and -100, got {_type_names(labels)}",
+            source=source,
+            row=row_index,
+            field="labels",
+        )
+    if checked and min(checked) < 0:
+        values = np.frombuffer(checked, dtype=np.int64)
+        bad = values[(values < 0) & (values != -100)]
+        if bad.size:
+            raise ChatSFTError(
+                f"label {bad[0]} is neither a token id nor -100 (not trained)",
+                source=source,
+                row=row_index,
+                field="labels",
+            )

@@ -8,8 +8,12 @@ between is the turn. This works for any prefix-preserving template, with or with
 
 from __future__ import annotations
 
+import _signal
 import functools
+import signal
+import threading
 from collections.abc import Callable
+from types import FrameType, TracebackType
 from typing import Any
 
 import jinja2
@@ -114,6 +118,107 @@ def _render_compiled(compiled: Any, variables: dict[str, Any]) -> str:
 
 ChatRenderer = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
 
+# Seconds one example may take to render (all renders of its turns together). A real template
+# renders a conversation in well under a millisecond; one that never ends would hang preparation
+# with no message at all.
+RENDER_TIME_LIMIT_S = 10.0
+
+
+class RenderTimeout(ChatSFTError):
+    """A chat template ran past RENDER_TIME_LIMIT_S on one example."""
+
+    def __init__(self, line: int | None = None) -> None:
+        self.line = line
+        at = f" (still running at template line {line})" if line else ""
+        super().__init__(
+            f"the chat template took more than {RENDER_TIME_LIMIT_S:g} s to render one example"
+            f"{at}; stopped",
+            field="chat_template",
+            hint="a loop that never ends? fix the template or pass chat_template_path",
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:  # across datasets.map's worker processes
+        return RenderTimeout, (self.line,)
+
+
+# How the limit is enforced: a one-shot SIGALRM timer (setitimer) armed for each example, whose
+# handler raises RenderTimeout inside the template's Python code (Jinja compiles templates to
+# Python; a signal handler runs between its bytecodes, so any loop is interrupted). Counting loop
+# iterations instead would miss loops that call nothing (`{% for i in x %}{% endfor %}`) and
+# recursion through macros; a watchdog thread cannot stop a render at all. About 2 us per example
+# (two system calls), against some 25 us of rendering: the handler is installed once and left in
+# place, since installing it costs more than a render, and it ignores alarms it did not ask for.
+# Signals are handled in a process's main thread only: that is where chatsft renders (the trainer
+# and CLI, datasets.map's worker processes, DataLoader worker processes). Renders in other threads,
+# on platforms without SIGALRM (Windows), or while the program uses SIGALRM itself, have no limit.
+_TIMER = getattr(signal, "ITIMER_REAL", None)
+# signal.getsignal converts the handler to an enum member (3 us, by a caught ValueError); the C
+# function it wraps returns it as it is.
+_getsignal = getattr(_signal, "getsignal", signal.getsignal)
+_armed = False  # a timer runs for the current example (main thread only, so one flag)
+
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    global _armed
+    if _armed:
+        _armed = False
+        raise RenderTimeout(_frame_template_line(frame))
+    # Otherwise the timer fired as the render ended, after it was disarmed: nothing to stop.
+
+
+def _arm_time_limit() -> bool:
+    """Start the timer for one example; False where no limit applies (see above)."""
+    global _armed
+    if (
+        _TIMER is None
+        or _armed  # nested: the outer limit applies
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        return False
+    if _getsignal(signal.SIGALRM) is not _on_alarm:
+        if _getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None) or signal.getitimer(_TIMER)[0]:
+            return False  # the program's own alarm: left alone
+        signal.signal(signal.SIGALRM, _on_alarm)
+    previous = signal.setitimer(_TIMER, RENDER_TIME_LIMIT_S)
+    if previous[0]:  # an alarm set with our handler in place: give it back, no limit
+        signal.setitimer(_TIMER, *previous)
+        return False
+    _armed = True
+    return True
+
+
+def _disarm_time_limit() -> None:
+    global _armed
+    # Disarmed before the flag is cleared: an alarm that still arrives finds it cleared and is
+    # ignored, and none can arrive afterwards.
+    signal.setitimer(_TIMER, 0)
+    _armed = False
+
+
+def _frame_template_line(frame: FrameType | None) -> int | None:
+    """The template line a running render is at: the innermost frame of Jinja's generated code,
+    mapped back to the template as Jinja's own tracebacks do."""
+    while frame is not None:
+        template = frame.f_globals.get("__jinja_template__")
+        if template is not None:
+            return template.get_corresponding_lineno(frame.f_lineno)
+        frame = frame.f_back
+    return None
+
+
+def _traceback_template_line(err: BaseException) -> int | None:
+    """The template line an error came from: Jinja rewrites a failed render's traceback so that its
+    template frames carry the template's own line numbers."""
+    if isinstance(err, jinja2.TemplateSyntaxError):
+        return err.lineno
+    line = None
+    tb: TracebackType | None = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
 
 def chat_renderer(
     tokenizer: Any, messages: list[dict], tools: Any, template_kwargs: dict | None = None
@@ -161,6 +266,9 @@ def chat_renderer(
     def checked(msgs: list[dict], add_generation_prompt: bool) -> str:
         try:
             return render(msgs, add_generation_prompt)
+        except RenderTimeout as err:
+            # Raised from wherever the render was: the traceback names the template line.
+            raise RenderTimeout(_traceback_template_line(err) or err.line) from None
         except Exception as err:  # jinja errors, raise_exception() calls in templates
             raise _render_error(err) from err
 
@@ -168,8 +276,16 @@ def chat_renderer(
 
 
 def _render_error(err: Exception) -> ChatSFTError:
+    line = _traceback_template_line(err)
+    problem = (
+        "is not valid Jinja" if isinstance(err, jinja2.TemplateSyntaxError) else "failed to render"
+    )
+    # RecursionError's message is long and says nothing about templates.
+    what = "a macro calls itself without end" if isinstance(err, RecursionError) else str(err)
     return ChatSFTError(
-        f"the chat template failed to render: {err}",
+        f"the chat template {problem}"
+        + (f" at template line {line}" if line else "")
+        + f": {what}",
         field="chat_template",
         hint="fix the template or pass chat_template_path",
     )
@@ -178,7 +294,12 @@ def _render_error(err: Exception) -> ChatSFTError:
 def render_chat(
     tokenizer: Any, messages: list[dict], tools: Any, add_generation_prompt: bool
 ) -> str:
-    return chat_renderer(tokenizer, messages, tools)(messages, add_generation_prompt)
+    armed = _arm_time_limit()
+    try:
+        return chat_renderer(tokenizer, messages, tools)(messages, add_generation_prompt)
+    finally:
+        if armed:
+            _disarm_time_limit()
 
 
 def _split_turn(text: str, end_of_turn: str | None) -> list[Segment]:
@@ -239,6 +360,31 @@ def render_segments(
         segs = [(example.prompt, train_prompt), (comp, True)]
         return segs if comp.endswith(eos_token) else [*segs, (eos_token, True)]
 
+    armed = _arm_time_limit()
+    try:
+        return _chat_segments(
+            example,
+            tokenizer,
+            eos_token=eos_token,
+            assistant_only_loss=assistant_only_loss,
+            completion_only_loss=completion_only_loss,
+            last_turn_only=last_turn_only,
+        )
+    finally:
+        if armed:
+            _disarm_time_limit()
+
+
+def _chat_segments(
+    example: Example,
+    tokenizer: Any,
+    *,
+    eos_token: str,
+    assistant_only_loss: bool,
+    completion_only_loss: bool | None,
+    last_turn_only: bool,
+) -> list[Segment]:
+    """render_segments for chat examples: rendered with the tokenizer's chat template."""
     if isinstance(example, PromptCompletion):
         messages = example.prompt + example.completion
         render = chat_renderer(tokenizer, messages, example.tools, example.template_kwargs)

@@ -317,6 +317,14 @@ def _tokenize_batch(
     formatting_func: Callable | None,
     source: str | None,
 ) -> dict[str, list]:
+    def at_row(err: ChatSFTError, row: int) -> ChatSFTError:
+        """`err` naming the row (1-based) and the file, where it does not already."""
+        if err.row is not None:
+            return err.with_source(source) if source else err
+        return ChatSFTError(
+            err.message, source=err.source or source, row=row, field=err.field, hint=err.hint
+        )
+
     names = list(batch)
     n = len(indices)
     text_field = "text" if formatting_func is not None else opts.dataset_text_field
@@ -340,14 +348,17 @@ def _tokenize_batch(
             ids_out.append(example.input_ids)
             labels_out.append(example.labels)
             continue
-        segs = render_segments(
-            example,
-            tokenizer,
-            eos_token=opts.eos_token,
-            assistant_only_loss=opts.assistant_only_loss,
-            completion_only_loss=opts.completion_only_loss,
-            last_turn_only=opts.last_turn_only,
-        )
+        try:
+            segs = render_segments(
+                example,
+                tokenizer,
+                eos_token=opts.eos_token,
+                assistant_only_loss=opts.assistant_only_loss,
+                completion_only_loss=opts.completion_only_loss,
+                last_turn_only=opts.last_turn_only,
+            )
+        except ChatSFTError as err:  # the template's errors know no row
+            raise at_row(err, indices[j] + 1) from err
         plain = isinstance(example, Text) or isinstance(getattr(example, "prompt", None), str)
         ids_out.append(list(prefix_ids) if plain else [])
         labels_out.append([IGNORE_INDEX] * len(ids_out[-1]))
@@ -365,9 +376,12 @@ def _tokenize_batch(
             labels_out[owner] += labels_of(ids, mask)
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", *BOOKKEEPING)}
     for row_index, ids, labels in zip(indices, ids_out, labels_out):
-        rows, why = fit_length(
-            ids, labels, opts.max_length, opts.overlong_policy, opts.truncation_mode
-        )
+        try:
+            rows, why = fit_length(
+                ids, labels, opts.max_length, opts.overlong_policy, opts.truncation_mode
+            )
+        except ChatSFTError as err:  # overlong_policy="error"
+            raise at_row(err, row_index + 1) from None
         # Position 0 is never predicted (nothing comes before it), so it cannot count as trained.
         counted = [(i, lab, num_trained(lab)) for i, lab in rows]
         counted = [row for row in counted if row[2]]
