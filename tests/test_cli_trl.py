@@ -101,6 +101,11 @@ def test_a_refused_trl_field_names_the_reason(tmp_path, capsys):
         (["--eval_fraction", "2"], "eval_fraction must be between 0 and 1"),
         (["--lerning_rate", "1e-4"], "did you mean 'learning_rate'?"),
         (["--report_to", "wandb"], "pip install 'chatsft[wandb]'"),
+        (["--seed", "-1"], "seed must be >= 0"),
+        (["--max_grad_norm", "-1"], "max_grad_norm must be >= 0"),
+        (["--label_smoothing_factor", "2"], "label_smoothing_factor must be below 1"),
+        (["--save_steps", "0"], "save_steps must be > 0"),
+        (["--neftune_noise_alpha", "-1"], "neftune_noise_alpha must be >= 0"),
     ],
 )
 def test_bad_values_fail_in_one_line_before_anything_loads(tmp_path, capsys, flags, expected):

@@ -90,3 +90,26 @@ def test_frozen_heap_unfreezes_and_leaves_a_callers_freeze_alone():
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+def test_prepared_rows_are_not_reused_across_chatsft_code_versions(
+    tmp_path, tokenizer, monkeypatch
+):
+    """datasets caches a map by its function's code; the data package's own code is part of the
+    fingerprint too, so an upgrade never reads rows an older chatsft prepared."""
+    import json
+
+    import datasets
+
+    import chatsft.data.tokenize as tokenize
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in chats(8)))
+    rows = datasets.load_dataset("json", data_files=str(path), split="train")
+    opts = tokenize.PrepOptions(eos_token=tokenizer.eos_token)
+    first, _ = tokenize.prepare_dataset(rows, tokenizer, opts)
+    again, _ = tokenize.prepare_dataset(rows, tokenizer, opts)
+    assert again._fingerprint == first._fingerprint  # same code: the cache is used
+    monkeypatch.setattr(tokenize, "data_code_version", lambda: "another-version")
+    upgraded, _ = tokenize.prepare_dataset(rows, tokenizer, opts)
+    assert upgraded._fingerprint != first._fingerprint

@@ -403,6 +403,10 @@ MINIMUMS = (
     ("warmup_steps", 0, "steps"),
     ("weight_decay", 0, "the decay rate"),
     ("max_nonfinite_batches", 0, "skipped steps"),
+    ("seed", 0, "the random seed"),
+    ("max_grad_norm", 0, "the clipping norm; 0 turns clipping off"),
+    ("label_smoothing_factor", 0, "the smoothing share"),
+    ("neftune_noise_alpha", 0, "the embedding noise scale"),
 )
 
 
@@ -420,6 +424,14 @@ def _check_ranges(config: SFTConfig) -> None:
             f"max_steps must be a positive number of optimizer steps, or -1 to train "
             f"num_train_epochs, got {config.max_steps}"
         )
+    if config.label_smoothing_factor >= 1:
+        raise ValueError(
+            f"label_smoothing_factor must be below 1, got {config.label_smoothing_factor}"
+        )
+    for name in ("save_steps", "eval_steps", "logging_steps"):
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be > 0 (a number of steps, or a fraction of the run)")
     if config.max_steps == -1 and config.num_train_epochs == 0:
         raise ValueError("num_train_epochs is 0 and max_steps is not set: nothing would train")
 

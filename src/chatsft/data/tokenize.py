@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import gc
+import hashlib
 import itertools
 import operator
 import os
@@ -316,6 +318,7 @@ def _tokenize_batch(
     prefix_ids: list[int],
     formatting_func: Callable | None,
     source: str | None,
+    code_version: str = "",  # only part of datasets' cache fingerprint (see data_code_version)
 ) -> dict[str, list]:
     def at_row(err: ChatSFTError, row: int) -> ChatSFTError:
         """`err` naming the row (1-based) and the file, where it does not already."""
@@ -433,6 +436,7 @@ def prepare_dataset(
                 "prefix_ids": special_prefix_ids(tokenizer),
                 "formatting_func": formatting_func,
                 "source": source,
+                "code_version": data_code_version(),
             },
             desc=f"Tokenizing {name} data",
         )
@@ -467,6 +471,20 @@ def prepare_dataset(
     stats.total_tokens = sum(book["_tokens"][i] for i in keep)
     stats.trained_tokens = sum(book["_trained"][i] for i in keep)
     return tokenized.remove_columns(list(BOOKKEEPING)), stats
+
+
+@functools.cache
+def data_code_version() -> str:
+    """A hash of the data package's source. datasets fingerprints the map function's own code but
+    not what it calls (formats, templates, ...): without this, rows prepared by an older chatsft
+    (another column layout, fewer checks) would come back from the cache after an upgrade."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:16]
 
 
 def _shard_file_name(dataset: datasets.Dataset, processes: int | None) -> str | None:
