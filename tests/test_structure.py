@@ -33,12 +33,12 @@ def test_help_and_the_data_package_do_not_load_the_trainer():
 
 
 @pytest.mark.parametrize(
-    "name", sorted(__import__("chatsft.trainer").trainer.PRIVATE_TRAINER_METHODS)
+    "name", sorted(__import__("chatsft.train.trainer").train.trainer.PRIVATE_TRAINER_METHODS)
 )
 def test_private_trainer_methods_have_the_signature_chatsft_was_written_for(name):
     from transformers import Trainer
 
-    from chatsft.trainer import PRIVATE_TRAINER_METHODS
+    from chatsft.train.trainer import PRIVATE_TRAINER_METHODS
 
     method = getattr(Trainer, name, None)
     assert method is not None, f"transformers.Trainer.{name} is gone: chatsft's override is dead"

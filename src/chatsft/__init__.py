@@ -21,7 +21,7 @@ _MODULE_OF = {
     "PaddedCollator": ".data.collate",
     "PaddingFreeCollator": ".data.collate",
     "SFTConfig": ".config",
-    "SFTTrainer": ".trainer",
+    "SFTTrainer": ".train.trainer",
     "estimate": ".estimate",
     "fit_batch": ".estimate",
     "generate": ".generation.generate",
@@ -60,4 +60,4 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ impo
     from .generation.callback import GenerationEvalCallback
     from .generation.chat import ChatSession
     from .generation.generate import GenerationResult, generate, load_for_inference
-    from .trainer import SFTTrainer
+    from .train.trainer import SFTTrainer

@@ -90,7 +90,7 @@ def run(argv: list[str]) -> int:
 
 def train_run(parsed: Parsed, argv: list[str]) -> int:
     script, sft, model_args, command = parsed.values
-    from ..trainer import SFTTrainer
+    from ..train.trainer import SFTTrainer
     from .build import datasets_of, model_init_kwargs, peft_config
     from .threads import set_cpu_threads
 

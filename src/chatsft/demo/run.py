@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from ..config import SFTConfig
-from ..trainer import CONFIG_FILE, SFTTrainer
+from ..train.trainer import CONFIG_FILE, SFTTrainer
 from .tasks import TASKS, make_datasets
 
 ASSETS = Path(__file__).parent / "assets"

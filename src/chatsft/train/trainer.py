@@ -16,19 +16,19 @@ import yaml
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import rotate_checkpoints
 
-from .config import SFTConfig
-from .data.collate import PaddingFreeCollator
-from .data.prepare import prepare_for_training
-from .data.streaming import ConstantLengthDataset
-from .errors import ChatSFTError
-from .log import logger, set_verbosity
-from .model.attention import (
+from ..config import SFTConfig
+from ..data.collate import PaddingFreeCollator
+from ..data.prepare import prepare_for_training
+from ..data.streaming import ConstantLengthDataset
+from ..errors import ChatSFTError
+from ..log import logger, set_verbosity
+from ..model.attention import (
     use_document_attention,
 )
-from .model.compile import compile_decoder_layers
-from .model.loss import supervised_loss
-from .model.moe import router_aux_coef
-from .train.build import (
+from ..model.compile import compile_decoder_layers
+from ..model.loss import supervised_loss
+from ..model.moe import router_aux_coef
+from .build import (
     MODEL_TAGS,
     PREPARED_COLUMNS,
     activation_kind,
@@ -45,10 +45,10 @@ from .train.build import (
     lora_summary,
     prep_options,
 )
-from .train.checkpoints import newest_complete_checkpoint, save_failed, write_run_file
-from .train.metrics import RunMetrics
-from .train.model_card import final_metrics, mask_policy, model_card, non_default_settings, plain
-from .train.nonfinite import NonFiniteGuard, NonFiniteStep
+from .checkpoints import newest_complete_checkpoint, save_failed, write_run_file
+from .metrics import RunMetrics
+from .model_card import final_metrics, mask_policy, model_card, non_default_settings, plain
+from .nonfinite import NonFiniteGuard, NonFiniteStep
 
 CONFIG_FILE = "training_config.yaml"
 STAGING_DIR = ".checkpoint-in-progress"
@@ -115,7 +115,7 @@ class SFTTrainer(Trainer):
         self._formatting_func = formatting_func
         opts = prep_options(args, tokenizer)
         if args.training_report:
-            from .train.report import TrainingReportCallback
+            from .report import TrainingReportCallback
 
             self._report = TrainingReportCallback()
             callbacks = [*(callbacks or []), self._report]
