@@ -47,3 +47,7 @@ weights = {n: p.detach().double().sum().item() for n, p in trainer.model.named_p
 finite = all(torch.isfinite(p).all().item() for p in trainer.model.parameters())
 with open(f"{out_file}.{rank}.json", "w") as f:
     json.dump({"skipped": trainer.nonfinite_steps, "weights": weights, "finite": finite}, f)
+# Shut the process group down before the interpreter does (see ddp_train.py).
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

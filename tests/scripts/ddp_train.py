@@ -5,6 +5,7 @@ import json
 import sys
 
 import datasets
+import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from chatsft import SFTConfig, SFTTrainer
@@ -49,3 +50,8 @@ if trainer.args.process_index == 0:
             },
             f,
         )
+# Shut the process group down before the interpreter does: left to exit, gloo's threads can abort
+# one rank ("terminate called without an active exception") after a run that succeeded.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
