@@ -251,3 +251,37 @@ def test_a_bare_flag_turns_an_optional_boolean_on(tmp_path):
     assert sft.padding_free is True and sft.completion_only_loss is True
     argv = ["--model", "m", "--dataset", "d", "--padding_free", "false"]
     assert parse(build_parser(), argv).values[1].padding_free is False
+
+
+def test_remote_code_and_unsafe_pickles_are_refused_in_one_line(tmp_path, model_dir, capsys):
+    import pickle
+    import shutil
+
+    custom = tmp_path / "custom"
+    shutil.copytree(model_dir, custom)  # its tokenizer loads; the model needs its own code
+    (custom / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "weird_custom",
+                "auto_map": {
+                    "AutoConfig": "configuration_weird.WeirdConfig",
+                    "AutoModelForCausalLM": "modeling_weird.WeirdModel",
+                },
+            }
+        )
+    )
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chats(4)))
+    argv = ["train", "--dataset", str(data), "--output_dir", str(tmp_path / "o")]
+    assert main([*argv, "--model", str(custom)]) == 2  # and no prompt on stdin
+    assert "field 'trust_remote_code'" in capsys.readouterr().err
+    (custom / "config.json").write_text(json.dumps({"model_type": "no_such_architecture"}))
+    assert main([*argv, "--model", str(custom)]) == 2
+    assert "could not load the model" in capsys.readouterr().err
+    evil = tmp_path / "evil"
+    shutil.copytree(model_dir, evil)
+    (evil / "model.safetensors").unlink()
+    (evil / "pytorch_model.bin").write_bytes(pickle.dumps(os.system))
+    assert main([*argv, "--model", str(evil)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "unsafe to unpickle" in err[0], err

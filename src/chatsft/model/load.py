@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -65,12 +66,39 @@ def load_model(
     elif dtype is not None:
         kwargs["dtype"] = dtype
     check_model_ref(model)
+    # Unset, transformers asks on stdin whether to run a repository's code: off unless asked for.
+    kwargs.setdefault("trust_remote_code", False)
     try:
         return AutoModelForCausalLM.from_pretrained(model, **kwargs)
     except OSError as err:  # not found on the hub, offline, no weights file
         raise ChatSFTError(
             f"could not load the model: {err}", source=model, field="model"
         ) from None
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a weights file
+        raise ChatSFTError(
+            "refused to load weights that hold objects other than tensors (unsafe to unpickle): "
+            f"{str(err).splitlines()[0][:160]}",
+            source=model,
+            field="model",
+            hint="use models you trust, preferably saved as safetensors",
+        ) from None
+    except ValueError as err:  # an unknown architecture, a config that does not parse, ...
+        raise remote_code_refused(err, model) or ChatSFTError(
+            f"could not load the model: {str(err).splitlines()[0]}", source=model, field="model"
+        ) from None
+
+
+def remote_code_refused(err: Exception, source: str) -> ChatSFTError | None:
+    """transformers' refusal to run a repository's own Python code, as one line."""
+    if "trust_remote_code" not in str(err):
+        return None
+    return ChatSFTError(
+        "this model or tokenizer needs its repository's own Python code, which is not run by "
+        "default",
+        source=source,
+        field="trust_remote_code",
+        hint="set trust_remote_code: true only for a repository you trust",
+    )
 
 
 def check_model_ref(ref: str) -> None:
@@ -148,6 +176,13 @@ def load_tokenizer(
             tokenizer = AutoTokenizer.from_pretrained(
                 src, trust_remote_code=trust_remote_code, **kwargs
             )
+        except ValueError as err:
+            raise remote_code_refused(err, src) or ChatSFTError(
+                f"could not load the tokenizer: {str(err).splitlines()[0]}",
+                source=src,
+                field="processing_class",
+                hint="pass processing_class, or save the tokenizer beside the model",
+            ) from None
         except OSError as err:
             raise ChatSFTError(
                 f"could not load the tokenizer: {err}",
