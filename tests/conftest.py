@@ -186,3 +186,20 @@ def trained_mask_of(row: dict) -> list[bool]:
     assert len(ids) == len(labels)
     assert all(label in (-100, t) for t, label in zip(ids, labels))
     return [label != -100 for label in labels]
+
+
+def sft_config(tmp_path, **kw):
+    """A short SFTConfig for tests: 2 steps of 4 rows, 64 tokens, no saving, no report."""
+    from chatsft import SFTConfig
+
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        max_length=64,
+        training_report=False,
+    )
+    return SFTConfig(**{**base, **kw})

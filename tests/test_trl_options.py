@@ -7,24 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import chats, make_model
+from conftest import sft_config as config
 
 from chatsft import SFTConfig, SFTTrainer
 from chatsft.model.chunked_ce import chunked_linear_cross_entropy
 from chatsft.train.build import model_init_kwargs
-
-
-def config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        max_length=64,
-        training_report=False,
-    )
-    return SFTConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -7,22 +7,9 @@ import datasets
 import pytest
 import torch
 from conftest import chats, make_model
+from conftest import sft_config as config
 
-from chatsft import ChatSFTError, SFTConfig, SFTTrainer
-
-
-def config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        max_length=64,
-        training_report=False,
-    )
-    return SFTConfig(**{**base, **kw})
+from chatsft import ChatSFTError, SFTTrainer
 
 
 @pytest.fixture()

@@ -82,16 +82,7 @@ def quantization_kwargs(model_args: ModelConfig) -> dict[str, Any]:
 
 def datasets_of(script: ScriptArguments, sft: SFTConfig) -> tuple[Any, Any | None]:
     """The train and eval sets a `chatsft train` run names (see data.load.train_and_eval)."""
-    from ..data.load import dataset_spec, train_and_eval
+    from ..data.load import datasets_named
 
     assert script.dataset_name is not None
-    return train_and_eval(
-        dataset_spec(script.dataset_name, script.dataset_config),
-        train_split=script.dataset_train_split,
-        test_split=script.dataset_test_split,
-        streaming=script.dataset_streaming,
-        eval_dataset=script.eval_dataset,
-        eval_fraction=script.eval_fraction,
-        evaluate=bool(script.eval_split) or sft.eval_strategy != "no",
-        seed=sft.seed,
-    )
+    return datasets_named(script, seed=sft.seed, eval_strategy=sft.eval_strategy)

@@ -533,3 +533,21 @@ def train_and_eval(
     if evaluate:
         return train, load(spec, test_split, False)
     return train, None
+
+
+def datasets_named(
+    script: Any, *, seed: int = 42, eval_strategy: str = "no", load: Loader | None = None
+) -> tuple[Any, Any | None]:
+    """train_and_eval for the data a run's ScriptArguments name (read by attribute, so this
+    package does not import the config): what `chatsft train` and `chatsft inspect` both load."""
+    return train_and_eval(
+        dataset_spec(script.dataset_name, script.dataset_config),
+        train_split=script.dataset_train_split,
+        test_split=script.dataset_test_split,
+        streaming=script.dataset_streaming,
+        eval_dataset=script.eval_dataset,
+        eval_fraction=script.eval_fraction,
+        evaluate=bool(script.eval_split) or eval_strategy != "no",  # IntervalStrategy: a str enum
+        seed=seed,
+        load=load,
+    )

@@ -20,7 +20,7 @@ import datasets
 
 from ..data.collate import IGNORE_INDEX, PaddedCollator
 from ..data.formats import PromptCompletion, Text, Tokenized, detect_format, normalize
-from ..data.load import dataset_spec, load_data, train_and_eval
+from ..data.load import dataset_spec, datasets_named, load_data
 from ..data.packing import best_fit_decreasing
 from ..data.prepare import prepare_for_training
 from ..data.templates import chat_renderer, render_segments
@@ -419,15 +419,10 @@ def load_splits(
         raise ChatSFTError(
             "is required", field="dataset_name", hint="add dataset_name: ... or --dataset_name ..."
         )
-    return train_and_eval(
-        dataset_spec(script.dataset_name, script.dataset_config),
-        train_split=script.dataset_train_split,
-        test_split=script.dataset_test_split,
-        streaming=script.dataset_streaming,
-        eval_dataset=script.eval_dataset,
-        eval_fraction=script.eval_fraction,
-        evaluate=bool(script.eval_split) or eval_strategy != "no",  # IntervalStrategy: a str enum
+    return datasets_named(
+        script,
         seed=seed,
+        eval_strategy=eval_strategy,
         load=lambda spec, split, streaming: _load(spec, split, streaming, max_rows),
     )
 
