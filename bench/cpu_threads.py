@@ -62,7 +62,9 @@ def main() -> None:
         for threads in sorted({1, cores}):
             seconds = step_seconds(size, threads, args.steps, args.seq)
             results[f"{name}, {threads} thread(s)"] = seconds
-            print(f"{name:18s} {params / 1e6:7.1f}M params  {threads} thread(s): {seconds:.3f} s/step")
+            print(
+                f"{name:18s} {params / 1e6:7.1f}M params  {threads} thread(s): {seconds:.3f} s/step"
+            )
     print(json.dumps(results))
 
 
