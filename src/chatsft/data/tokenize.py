@@ -75,6 +75,18 @@ class PrepOptions:
     overlong_policy: str = "truncate"
 
 
+def render_with(example: Any, tokenizer: Any, opts: PrepOptions) -> list[Segment]:
+    """render_segments with the mask options preparation uses (one place maps them)."""
+    return render_segments(
+        example,
+        tokenizer,
+        eos_token=opts.eos_token,
+        assistant_only_loss=opts.assistant_only_loss,
+        completion_only_loss=opts.completion_only_loss,
+        last_turn_only=opts.last_turn_only,
+    )
+
+
 def prep_options_of(sft: Any, eos_token: str) -> PrepOptions:
     """The PrepOptions an SFTConfig asks for. `eos_token` is the tokenizer's after load_tokenizer
     (which applies sft.eos_token), not sft.eos_token, which may be None. One function for the
@@ -352,14 +364,7 @@ def _tokenize_batch(
             labels_out.append(example.labels)
             continue
         try:
-            segs = render_segments(
-                example,
-                tokenizer,
-                eos_token=opts.eos_token,
-                assistant_only_loss=opts.assistant_only_loss,
-                completion_only_loss=opts.completion_only_loss,
-                last_turn_only=opts.last_turn_only,
-            )
+            segs = render_with(example, tokenizer, opts)
         except ChatSFTError as err:  # the template's errors know no row
             raise at_row(err, indices[j] + 1) from err
         plain = isinstance(example, Text) or isinstance(getattr(example, "prompt", None), str)

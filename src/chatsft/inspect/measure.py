@@ -23,13 +23,14 @@ from ..data.formats import PromptCompletion, Text, Tokenized, detect_format, nor
 from ..data.load import dataset_spec, datasets_named, load_data
 from ..data.packing import best_fit_decreasing
 from ..data.prepare import prepare_for_training
-from ..data.templates import chat_renderer, render_segments
+from ..data.templates import chat_renderer
 from ..data.tokenize import (
     PrepOptions,
     PrepStats,
     fit_length,
     num_trained,
     prep_options_of,
+    render_with,
     special_prefix_ids,
     tokenize_segments,
     trained_of,
@@ -173,14 +174,7 @@ def attributed_tokens(
     if isinstance(example, Tokenized):
         mask = trained_of(example.labels)
         return example.input_ids, mask, ["tokens"] * len(example.input_ids)
-    segments = render_segments(
-        example,
-        tokenizer,
-        eos_token=opts.eos_token,
-        assistant_only_loss=opts.assistant_only_loss,
-        completion_only_loss=opts.completion_only_loss,
-        last_turn_only=opts.last_turn_only,
-    )
+    segments = render_with(example, tokenizer, opts)
     text = "".join(t for t, _ in segments)
     ends, names = role_spans(example, tokenizer, text)
     plain = isinstance(example, Text) or isinstance(getattr(example, "prompt", None), str)
