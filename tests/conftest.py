@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+FIXTURES = Path(__file__).parent / "fixtures"  # data files the tests read
 
 # ChatML without {% generation %} markers, like most stock templates.
 CHATML = (
@@ -81,6 +88,24 @@ def tokenizer(tokenizer_dir):
 def offline_env() -> dict[str, str]:
     """Environment for CLI subprocesses: offline, one thread each (several may share 2 cores)."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`chatsft ARGV` in a subprocess, offline: exit code, stdout and stderr as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "chatsft", *argv],
+        capture_output=True,
+        text=True,
+        env=offline_env(),
+        timeout=timeout,
+    )
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    """Rows as a JSON Lines file (parent folders made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def make_model(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2):

@@ -10,9 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import chats, offline_env
+from conftest import chats, offline_env, write_jsonl
 from safetensors.torch import load_file
-from test_cli import write_jsonl
 
 
 def _cli(args: list[str], tmp_path: Path) -> subprocess.Popen:

@@ -5,33 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import chats, offline_env
+from conftest import ROOT, chats, offline_env, run_cli, write_jsonl
 
 from chatsft.cli import main
 from chatsft.cli.parser import parse
 from chatsft.cli.train import build_parser
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    env = offline_env()
-    return subprocess.run(
-        [sys.executable, "-m", "chatsft", *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
 
 
 def test_train_from_yaml_with_overrides(tmp_path, model_dir):

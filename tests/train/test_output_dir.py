@@ -8,15 +8,10 @@ import pickle
 from pathlib import Path
 
 import pytest
-from conftest import chats
+from conftest import chats, write_jsonl
 
 from chatsft.cli import main
 from chatsft.train.output_dir import LOCK_FILE
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture()

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import chats, offline_env
-from test_cli import write_jsonl
+from conftest import chats, offline_env, write_jsonl
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 

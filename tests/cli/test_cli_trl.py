@@ -11,19 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import chats, offline_env
+from conftest import FIXTURES, chats, offline_env, write_jsonl
 
 from chatsft.cli import main
 from chatsft.cli.parser import REFUSED, _names
 from chatsft.cli.train import build_parser
-
-DATA = Path(__file__).parent / "data"
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def trl_config(tmp_path, model_dir, **extra) -> Path:
@@ -67,8 +59,8 @@ def test_a_trl_sft_config_runs_unchanged(tmp_path, model_dir, capsys):
 
 def test_every_field_of_trls_sft_surface_is_accepted_or_refused_with_a_reason():
     """TRL 1.16's SFTConfig (beyond TrainingArguments), ScriptArguments, ModelConfig and dataset
-    mixture fields, as names (tests/data/trl_1_16_fields.json, generated from trl 1.16.0)."""
-    fields = json.loads((DATA / "trl_1_16_fields.json").read_text())
+    mixture fields, as names (tests/fixtures/trl_1_16_fields.json, generated from trl 1.16.0)."""
+    fields = json.loads((FIXTURES / "trl_1_16_fields.json").read_text())
     known = _names(build_parser())
     for group, names in fields.items():
         for name in names:

@@ -1,4 +1,4 @@
-"""The bad-input corpus (tests/bad_inputs/): every case is one clear line naming the file, row or
+"""The bad-input corpus (tests/fixtures/bad_inputs/): every case is one clear line naming the file, row or
 field, exit code 2, no traceback, and no output folder that looks like a finished model."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import chats
+from conftest import FIXTURES, chats
 
 from chatsft.cli import main
 from chatsft.data import templates
 
-CORPUS = Path(__file__).parent / "bad_inputs"
+CORPUS = FIXTURES / "bad_inputs"
 TRAIN = ["train", "--model", "{model}", "--output_dir", "{out}", "--max_steps", "1"]
 
 

@@ -4,7 +4,6 @@ named by file and row as map-style ones are, and take the same formatting_func r
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import datasets
 import pytest
-from conftest import chats, offline_env
+from conftest import chats, offline_env, write_jsonl
 from test_masks import prepare, trained_text
 
 from chatsft import ChatSFTError
@@ -39,12 +38,6 @@ GLAIVE = {
         {"role": "assistant", "content": "the answer is five"},
     ]
 }
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def tagged(n: int, tag: str) -> list[dict]:

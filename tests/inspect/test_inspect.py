@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import chats, dump_dom, needs_chromium, trained_mask_of
+from conftest import ROOT, chats, dump_dom, needs_chromium, trained_mask_of, write_jsonl
 from transformers import AutoTokenizer
 
 from chatsft.cli import main
@@ -34,7 +34,7 @@ from chatsft.inspect import (
 from chatsft.model.load import load_tokenizer
 from chatsft.train.build import prep_options
 
-EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "qwen2.5-0.5b-ultrachat.yaml"
+EXAMPLE_CONFIG = ROOT / "examples" / "qwen2.5-0.5b-ultrachat.yaml"
 
 # The last message is rendered differently from the same message inside a longer conversation.
 NOT_PREFIX_PRESERVING = (
@@ -42,11 +42,6 @@ NOT_PREFIX_PRESERVING = (
     "{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @dataclass

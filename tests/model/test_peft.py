@@ -5,9 +5,8 @@ from __future__ import annotations
 import datasets
 import torch
 import yaml
-from conftest import chats
+from conftest import chats, write_jsonl
 from peft import LoraConfig
-from test_cli import write_jsonl
 from transformers import AutoModelForCausalLM
 
 from chatsft import SFTConfig, SFTTrainer, load_for_inference
