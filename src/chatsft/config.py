@@ -8,7 +8,9 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+# The components' own tables: SFTConfig checks against them (it sits above data/ and generation/).
 from .data.packing import PACKING_STRATEGIES
+from .generation.knobs import check_generation_eval
 
 OVERLONG_POLICIES = ("truncate", "drop", "split", "error")
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -351,8 +353,6 @@ class SFTConfig(TrainingArguments):
         if (self.packing or self.eval_packing) and self.max_length is None:
             raise ValueError("packing needs max_length: set max_length to the packed row length")
         if self.generation_eval is not None:
-            from .generation.knobs import check_generation_eval
-
             self.generation_eval = check_generation_eval(self.generation_eval)
         _check_ranges(self)
         _check_report_to(self.report_to)
