@@ -10,7 +10,8 @@ from conftest import chats
 from test_formats import GENERATION_TEMPLATE
 
 from chatsft.data.templates import _compiled_template, _InlineGeneration, render_chat
-from chatsft.data.tokenize import _frozen_heap, _plain_backend, encode_segments
+from chatsft.data.prepare import _frozen_heap
+from chatsft.data.tokenize import _plain_backend, encode_segments
 
 HEAD = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
 TAIL = "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -101,15 +102,15 @@ def test_prepared_rows_are_not_reused_across_chatsft_code_versions(
 
     import datasets
 
-    import chatsft.data.tokenize as tokenize
+    import chatsft.data.prepare as prepare
 
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in chats(8)))
     rows = datasets.load_dataset("json", data_files=str(path), split="train")
-    opts = tokenize.PrepOptions(eos_token=tokenizer.eos_token)
-    first, _ = tokenize.prepare_dataset(rows, tokenizer, opts)
-    again, _ = tokenize.prepare_dataset(rows, tokenizer, opts)
+    opts = prepare.PrepOptions(eos_token=tokenizer.eos_token)
+    first, _ = prepare.prepare_dataset(rows, tokenizer, opts)
+    again, _ = prepare.prepare_dataset(rows, tokenizer, opts)
     assert again._fingerprint == first._fingerprint  # same code: the cache is used
-    monkeypatch.setattr(tokenize, "data_code_version", lambda: "another-version")
-    upgraded, _ = tokenize.prepare_dataset(rows, tokenizer, opts)
+    monkeypatch.setattr(prepare, "data_code_version", lambda: "another-version")
+    upgraded, _ = prepare.prepare_dataset(rows, tokenizer, opts)
     assert upgraded._fingerprint != first._fingerprint

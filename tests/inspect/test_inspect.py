@@ -16,11 +16,12 @@ from transformers import AutoTokenizer
 from chatsft.cli import main
 from chatsft.cli.inspect import parse_inspect
 from chatsft.config import ScriptArguments, SFTConfig
+from chatsft.data.encode import prep_options_of
 from chatsft.data.formats import detect_format, normalize
 from chatsft.data.load import load_data
 from chatsft.data.packing import pack_dataset
 from chatsft.data.prepare import prepare_for_training
-from chatsft.data.tokenize import prep_options_of, special_prefix_ids
+from chatsft.data.tokenize import trained_of
 from chatsft.inspect import (
     ANSI_MASKED,
     ANSI_TRAINED,
@@ -125,10 +126,9 @@ def test_role_attribution_rebuilds_the_prepared_ids(data, tokenizer_dir):
     raw = load_data(str(data))
     fmt = detect_format(raw.column_names)
     for i, row in enumerate(raw):
-        ids, mask, roles = attributed_tokens(
-            normalize(row, fmt, row_index=i + 1), tok, opts, special_prefix_ids(tok)
-        )
-        assert ids == prepared[i]["input_ids"] and mask == trained_mask_of(prepared[i])
+        encoded, roles = attributed_tokens(normalize(row, fmt, row_index=i + 1), tok, opts)
+        assert encoded.input_ids == prepared[i]["input_ids"]
+        assert trained_of(encoded.labels) == trained_mask_of(prepared[i])
         # Trained tokens are assistant tokens, and every assistant message has trained tokens.
         assert all(
             r == "assistant" for r, t in zip(roles, trained_positions(prepared[i]["labels"])) if t

@@ -9,17 +9,16 @@ yields those rows; `stats` counts what it read, kept and dropped so far.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
 from ..errors import ChatSFTError
-from .formats import apply_formatting_func, detect_format
+from .encode import PrepOptions
 from .load import QUIET_READ_FAILURES, read_error
 from .packing import pack_rows
-from .tokenize import PrepOptions, PrepStats, _tokenize_batch, special_prefix_ids
+from .prepare import PrepStats, prepare_batch, row_format
 
 
 class ConstantLengthDataset(torch.utils.data.IterableDataset):
@@ -53,49 +52,27 @@ class ConstantLengthDataset(torch.utils.data.IterableDataset):
         self.stats = PrepStats()
 
     def _prepared(self, chunk: list[dict[str, Any]], first_index: int) -> list[dict[str, Any]]:
-        """`first_index`: the 0-based position of chunk[0] in the stream."""
+        """The chunk's encoded rows, counted in self.stats; `first_index`: the 0-based position of
+        chunk[0] in the stream (errors count rows from 1)."""
         keys = sorted({k for r in chunk for k in r})
         batch = {k: [r.get(k) for r in chunk] for k in keys}
         try:
-            if self.formatting_func is None:
-                fmt = detect_format(keys, self.opts.dataset_text_field, self.opts.dataset_format)
-            else:
-                # What the function returns decides the format, as on the map path (a
-                # one-element list of a string is text there too).
-                first = apply_formatting_func(chunk[0], self.formatting_func, first_index + 1)
-                fmt = "text" if "text" in first else "messages"
-            out = _tokenize_batch(
+            fmt = row_format(
+                keys, lambda: chunk[0], self.opts, self.formatting_func, first_index + 1
+            )
+            out = prepare_batch(
                 batch,
                 list(range(first_index, first_index + len(chunk))),
                 tokenizer=self.tokenizer,
                 opts=self.opts,
                 fmt=fmt,
-                prefix_ids=special_prefix_ids(self.tokenizer),
                 formatting_func=self.formatting_func,
                 source=self.source,
             )
         except ChatSFTError as err:
             raise (err.with_source(self.source) if self.source else err) from None
-        outcome: dict[int, str] = {}
-        kept = []
-        for ids, labels, why, row, n_trained in zip(
-            out["input_ids"], out["labels"], out["_status"], out["_row"], out["_trained"]
-        ):
-            outcome.setdefault(row, why)
-            if why in ("", "truncated", "split"):
-                kept.append({"input_ids": ids, "labels": labels})
-                self.stats.trained_tokens += n_trained
-        counts = Counter(outcome.values())
-        s = self.stats
-        s.rows_read += len(chunk)
-        s.truncated += counts.pop("truncated", 0)
-        s.split += counts.pop("split", 0)
-        counts.pop("", None)
-        for why, n in counts.items():
-            s.dropped[why] = s.dropped.get(why, 0) + n
-        s.kept = s.rows_read - sum(s.dropped.values())
-        s.total_tokens += sum(len(k["input_ids"]) for k in kept)
-        return kept
+        keep = self.stats.add(out)
+        return [{"input_ids": out["input_ids"][i], "labels": out["labels"][i]} for i in keep]
 
     def _packed(self, docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         assert self.opts.max_length is not None

@@ -9,10 +9,11 @@ between is the turn. This works for any prefix-preserving template, with or with
 from __future__ import annotations
 
 import _signal
+import contextlib
 import functools
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -292,11 +293,23 @@ def _render_error(err: Exception) -> ChatSFTError:
 
 
 def render_chat(
-    tokenizer: Any, messages: list[dict], tools: Any, add_generation_prompt: bool
+    tokenizer: Any,
+    messages: list[dict],
+    tools: Any,
+    add_generation_prompt: bool,
+    template_kwargs: dict | None = None,
 ) -> str:
+    with render_time_limit():
+        render = chat_renderer(tokenizer, messages, tools, template_kwargs)
+        return render(messages, add_generation_prompt)
+
+
+@contextlib.contextmanager
+def render_time_limit() -> Iterator[None]:
+    """RENDER_TIME_LIMIT_S over everything rendered inside (one example's renders together)."""
     armed = _arm_time_limit()
     try:
-        return chat_renderer(tokenizer, messages, tools)(messages, add_generation_prompt)
+        yield
     finally:
         if armed:
             _disarm_time_limit()
@@ -360,8 +373,7 @@ def render_segments(
         segs = [(example.prompt, train_prompt), (comp, True)]
         return segs if comp.endswith(eos_token) else [*segs, (eos_token, True)]
 
-    armed = _arm_time_limit()
-    try:
+    with render_time_limit():
         return _chat_segments(
             example,
             tokenizer,
@@ -370,9 +382,6 @@ def render_segments(
             completion_only_loss=completion_only_loss,
             last_turn_only=last_turn_only,
         )
-    finally:
-        if armed:
-            _disarm_time_limit()
 
 
 def _chat_segments(

@@ -1,109 +1,19 @@
-"""Tokenize examples into (input_ids, labels), apply the max_length policy, count everything.
+"""Text to token ids, and which tokens are trained: the tokenizer-facing half of data/encode.py.
 
-The prepared rows have TRL's layout: `input_ids` and `labels` (the token id where it is trained, -100
-where not; unshifted), so code written for TRL reads `trainer.train_dataset[i]["labels"]` as before.
-
-Runs as one batched `datasets.map`, so it uses `dataset_num_proc` processes and datasets' on-disk
-cache: a second run over the same files with the same settings reuses the result.
+Rendered examples arrive as (text, trained) segments; each is tokenized whole (the ids inference
+sees) and its trained tokens are found from the tokens' character offsets.
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
-import functools
-import gc
-import hashlib
 import itertools
 import operator
-import os
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
-
-import datasets
-from datasets.fingerprint import generate_random_fingerprint, get_temporary_cache_files_directory
 
 from ..errors import ChatSFTError
 from .collate import IGNORE_INDEX
-from .formats import Text, Tokenized, apply_formatting_func, detect_format, normalize
-from .templates import Segment, render_segments
-
-OVERLONG_POLICIES = ("truncate", "drop", "split", "error")
-DROP_TOO_LONG = "longer than max_length"
-# Per-row columns the map adds for counting; removed before the dataset is returned.
-BOOKKEEPING = ("_status", "_row", "_tokens", "_trained")
-DROP_NO_TRAINED = "no trained token left"
-
-
-@dataclass
-class PrepStats:
-    """What preparation did; printed as one line so nothing is dropped silently."""
-
-    rows_read: int = 0
-    kept: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    truncated: int = 0
-    split: int = 0  # examples cut into several rows by overlong_policy="split"
-    total_tokens: int = 0
-    trained_tokens: int = 0
-
-    def summary(self, name: str = "train") -> str:
-        dropped = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "0"
-        return (
-            f"[chatsft] {name} data: {self.rows_read} rows read, {self.kept} kept, dropped: "
-            f"{dropped}; {self.truncated} truncated"
-            + (f", {self.split} split" if self.split else "")
-            + f"; {self.total_tokens} tokens, {self.trained_tokens} trained"
-        )
-
-
-@dataclass(frozen=True)
-class PrepOptions:
-    """Everything that decides the tokenized output (and so datasets' cache fingerprint)."""
-
-    eos_token: str
-    dataset_text_field: str = "text"
-    dataset_format: str | None = None
-    assistant_only_loss: bool = False
-    completion_only_loss: bool | None = None
-    last_turn_only: bool = False
-    prompt_template: str | None = None
-    max_length: int | None = None
-    truncation_mode: str = "keep_start"
-    overlong_policy: str = "truncate"
-
-
-def render_with(example: Any, tokenizer: Any, opts: PrepOptions) -> list[Segment]:
-    """render_segments with the mask options preparation uses (one place maps them)."""
-    return render_segments(
-        example,
-        tokenizer,
-        eos_token=opts.eos_token,
-        assistant_only_loss=opts.assistant_only_loss,
-        completion_only_loss=opts.completion_only_loss,
-        last_turn_only=opts.last_turn_only,
-    )
-
-
-def prep_options_of(sft: Any, eos_token: str) -> PrepOptions:
-    """The PrepOptions an SFTConfig asks for. `eos_token` is the tokenizer's after load_tokenizer
-    (which applies sft.eos_token), not sft.eos_token, which may be None. One function for the
-    trainer and `chatsft inspect`, so inspect shows exactly what training prepares; `sft` is typed
-    loosely so this module does not import the config (and through it TrainingArguments)."""
-    return PrepOptions(
-        eos_token=eos_token,
-        dataset_text_field=sft.dataset_text_field,
-        dataset_format=sft.dataset_format,
-        assistant_only_loss=sft.assistant_only_loss,
-        completion_only_loss=sft.completion_only_loss,
-        last_turn_only=sft.last_turn_only,
-        prompt_template=sft.prompt_template,
-        max_length=sft.max_length,
-        truncation_mode=sft.truncation_mode,
-        overlong_policy=sft.overlong_policy,
-    )
+from .templates import Segment
 
 
 def special_prefix_ids(tokenizer: Any) -> list[int]:
@@ -176,7 +86,16 @@ def _joined(segments: list[Segment]) -> tuple[str, list[Span]]:
 
 
 def token_mask(offsets: list[Span], spans: list[Span]) -> list[bool]:
-    """Which tokens are trained: those covering at least one trained character.
+    """Which tokens are trained (see token_runs), one flag per token."""
+    mask = [False] * len(offsets)
+    for first, last in token_runs(offsets, spans):
+        mask[first:last] = [True] * (last - first)
+    return mask
+
+
+def token_runs(offsets: list[Span], spans: list[Span]) -> list[Span]:
+    """[first, last) token ranges that are trained: the tokens covering at least one trained
+    character.
 
     A token that straddles a boundary is trained, at either end of a trained span: the model cannot
     produce the trained characters without producing that token (a completion "four" after a
@@ -184,21 +103,33 @@ def token_mask(offsets: list[Span], spans: list[Span]) -> list[bool]:
     first token is when it stands alone). A token with no characters of its own (offsets trimmed
     to nothing) counts as covering the character right after it: whitespace before a reply is
     trained with the reply, whitespace after an end-of-turn token is not. `spans` are sorted and
-    disjoint.
+    disjoint. Runs, not flags: labels are then built by slices, no loop over tokens.
     """
     starts = list(map(operator.itemgetter(0), offsets))
     ends = list(map(operator.itemgetter(1), offsets))
     if not (_ascending(starts) and _ascending(ends)):
-        return _token_mask_unordered(offsets, spans)
-    # Ordered offsets: each span's tokens are one run, found by bisection; no loop over tokens.
-    mask = [False] * len(offsets)
+        return _runs_of(_token_mask_unordered(offsets, spans))
+    # Ordered offsets: each span's tokens are one run, found by bisection.
+    runs = []
     for a, b in spans:
         first = bisect.bisect_right(ends, a)  # the first token ending after a
         while first and starts[first - 1] == ends[first - 1] == a:
             first -= 1  # tokens with no characters, at a: they cover the character at a
         last = bisect.bisect_left(starts, b)  # the first token starting at or after b
-        mask[first:last] = [True] * (last - first)
-    return mask
+        if last > first:
+            runs.append((first, last))
+    return runs
+
+
+def _runs_of(mask: list[bool]) -> list[Span]:
+    runs = []
+    pos = 0
+    for trained, group in itertools.groupby(mask):
+        n = sum(1 for _ in group)
+        if trained:
+            runs.append((pos, pos + n))
+        pos += n
+    return runs
 
 
 def _ascending(values: list[int]) -> bool:
@@ -216,36 +147,66 @@ def _token_mask_unordered(offsets: list[Span], spans: list[Span]) -> list[bool]:
     return mask
 
 
+Tokens = tuple[list[int], list[int], list[Span] | None]  # input_ids, labels, offsets
+
+
 def tokenize_segments(
     tokenizer: Any, examples: list[list[Segment]], rows: list[int] | None = None
 ) -> list[tuple[list[int], list[bool]]]:
-    """Each example's (input_ids, trained_mask): its segments joined and tokenized once, without
-    special tokens added, so the ids are exactly those inference sees for the rendered text.
+    """Each example's (input_ids, trained_mask); see tokenize_rendered."""
+    return [
+        (ids, trained_of(labels)) for ids, labels, _ in tokenize_rendered(tokenizer, examples, rows)
+    ]
 
-    Tokenizing each segment on its own would not give them: SentencePiece-style tokenizers
+
+def tokenize_rendered(
+    tokenizer: Any,
+    examples: list[list[Segment]],
+    rows: list[int] | None = None,
+    *,
+    with_offsets: bool = False,
+) -> list[Tokens]:
+    """Each example's (input_ids, labels, offsets): its segments joined and tokenized once, without
+    special tokens added, so the ids are exactly those inference sees for the rendered text;
+    labels (TRL's layout) are the id where trained, IGNORE_INDEX where not; offsets (each token's
+    character span, with_offsets and a fast tokenizer only) else None.
+
+    Tokenizing each segment on its own would not give these ids: SentencePiece-style tokenizers
     (Llama-2, Mistral) start every separately tokenized string with a word marker, and BPE merges
-    across a boundary are lost. The mask comes from the tokens' character offsets (token_mask).
+    across a boundary are lost. The trained tokens come from the character offsets (token_runs).
     `rows` (1-based row numbers, for errors) defaults to the positions in `examples`.
     """
     joined = [_joined(segs) for segs in examples]
-    out: list[tuple[list[int], list[bool]]] = [([], [])] * len(examples)
-    # Examples trained everywhere or nowhere need no offsets: the faster call, one mask value.
+    out: list[Tokens] = [([], [], None)] * len(examples)
+    # Examples trained everywhere or nowhere need no offsets: the faster call, one label rule.
     uniform, mixed = [], []
     for k, (text, spans) in enumerate(joined):
-        (uniform if spans in ([], [(0, len(text))]) else mixed).append(k)
+        whole = not with_offsets and spans in ([], [(0, len(text))])
+        (uniform if whole else mixed).append(k)
     if uniform:
         for k, ids in zip(uniform, encode_segments(tokenizer, [joined[k][0] for k in uniform])):
-            out[k] = (ids, [bool(joined[k][1])] * len(ids))
+            out[k] = (ids, ids[:] if joined[k][1] else [IGNORE_INDEX] * len(ids), None)
     if mixed and getattr(tokenizer, "is_fast", False):
         encoded = _encode_with_offsets(tokenizer, [joined[k][0] for k in mixed])
         for k, (ids, offsets) in zip(mixed, encoded):
-            out[k] = (list(ids), token_mask(offsets, joined[k][1]))
+            ids = list(ids)
+            labels = _labels_in_runs(ids, token_runs(offsets, joined[k][1]))
+            out[k] = (ids, labels, offsets if with_offsets else None)
     elif mixed:
         chosen = [examples[k] for k in mixed]
         row_numbers = [rows[k] if rows else k + 1 for k in mixed]
-        for k, result in zip(mixed, _segmentwise_if_exact(tokenizer, chosen, row_numbers)):
-            out[k] = result
+        for k, (ids, mask) in zip(mixed, _segmentwise_if_exact(tokenizer, chosen, row_numbers)):
+            out[k] = (ids, labels_of(ids, mask), None)
     return out
+
+
+def _labels_in_runs(ids: list[int], runs: list[Span]) -> list[int]:
+    if runs == [(0, len(ids))]:
+        return ids[:]  # a copy: a collator that edits labels in place must not edit the ids
+    labels = [IGNORE_INDEX] * len(ids)
+    for first, last in runs:
+        labels[first:last] = ids[first:last]
+    return labels
 
 
 def _segmentwise_if_exact(
@@ -290,244 +251,28 @@ def trained_of(labels: list[int]) -> list[bool]:
 
 def num_trained(labels: list[int]) -> int:
     """Trained tokens of a row: labels set after its first token (nothing predicts the first)."""
-    return len(labels) - 1 - labels[1:].count(IGNORE_INDEX) if labels else 0
+    if not labels:
+        return 0
+    # Counted on the whole list: labels[1:] would copy it.
+    return len(labels) - labels.count(IGNORE_INDEX) - (labels[0] != IGNORE_INDEX)
 
 
-def fit_length(
-    ids: list[int], labels: list[int], max_length: int | None, policy: str, mode: str
-) -> tuple[list[tuple[list[int], list[int]]], str]:
-    """Apply the over-long policy to a row's ids and labels. Returns the resulting rows and '',
-    'truncated', 'split' or a drop reason."""
-    if max_length is None or len(ids) <= max_length:
-        return [(ids, labels)], ""
-    if policy == "drop":
-        return [], DROP_TOO_LONG
-    if policy == "error":
-        raise ChatSFTError(
-            f"example has {len(ids)} tokens, more than max_length={max_length}",
-            field="max_length",
-            hint="raise max_length, or set overlong_policy to truncate, split or drop",
-        )
-    if policy == "split":
-        # Consecutive pieces; each piece's first token has no context inside the row, so it is not
-        # trained (the collator labelss every row's first label).
-        return [
-            (ids[i : i + max_length], labels[i : i + max_length])
-            for i in range(0, len(ids), max_length)
-        ], "split"
-    if mode == "keep_end":
-        return [(ids[-max_length:], labels[-max_length:])], "truncated"
-    return [(ids[:max_length], labels[:max_length])], "truncated"
+# Names that moved to data/encode.py and data/prepare.py, still importable from here for code that
+# has not followed yet (train/build.py, bench/layouts.py, tests/model); resolved on first use
+# because those modules import this one.
+_MOVED = {
+    "PrepOptions": "encode",
+    "prep_options_of": "encode",
+    "fit_length": "encode",
+    "PrepStats": "prepare",
+    "prepare_dataset": "prepare",
+    "data_code_version": "prepare",
+}
 
 
-def _tokenize_batch(
-    batch: dict[str, list],
-    indices: list[int],
-    *,
-    tokenizer: Any,
-    opts: PrepOptions,
-    fmt: str,
-    prefix_ids: list[int],
-    formatting_func: Callable | None,
-    source: str | None,
-    code_version: str = "",  # only part of datasets' cache fingerprint (see data_code_version)
-) -> dict[str, list]:
-    def at_row(err: ChatSFTError, row: int) -> ChatSFTError:
-        """`err` naming the row (1-based) and the file, where it does not already."""
-        if err.row is not None:
-            return err.with_source(source) if source else err
-        return ChatSFTError(
-            err.message, source=err.source or source, row=row, field=err.field, hint=err.hint
-        )
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
 
-    names = list(batch)
-    n = len(indices)
-    text_field = "text" if formatting_func is not None else opts.dataset_text_field
-    rendered: list[list[Segment]] = []
-    owners: list[int] = []
-    ids_out: list[list[int]] = []
-    labels_out: list[list[int]] = []
-    for j in range(n):
-        row = {k: batch[k][j] for k in names}
-        if formatting_func is not None:
-            row = apply_formatting_func(row, formatting_func, indices[j] + 1)
-        example = normalize(
-            row,
-            fmt,
-            row_index=indices[j] + 1,
-            source=source,
-            dataset_text_field=text_field,
-            prompt_template=opts.prompt_template,
-        )
-        if isinstance(example, Tokenized):
-            ids_out.append(example.input_ids)
-            labels_out.append(example.labels)
-            continue
-        try:
-            segs = render_with(example, tokenizer, opts)
-        except ChatSFTError as err:  # the template's errors know no row
-            raise at_row(err, indices[j] + 1) from err
-        plain = isinstance(example, Text) or isinstance(getattr(example, "prompt", None), str)
-        ids_out.append(list(prefix_ids) if plain else [])
-        labels_out.append([IGNORE_INDEX] * len(ids_out[-1]))
-        rendered.append(segs)
-        owners.append(j)
-    if rendered:
-        # Batched tokenizer calls for the whole batch: the Rust tokenizer parallelises them.
-        row_numbers = [indices[j] + 1 for j in owners]
-        try:
-            tokenized = tokenize_segments(tokenizer, rendered, row_numbers)
-        except ChatSFTError as err:
-            raise (err.with_source(source) if source else err) from None
-        for owner, (ids, mask) in zip(owners, tokenized):
-            ids_out[owner] += ids
-            labels_out[owner] += labels_of(ids, mask)
-    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", *BOOKKEEPING)}
-    for row_index, ids, labels in zip(indices, ids_out, labels_out):
-        try:
-            rows, why = fit_length(
-                ids, labels, opts.max_length, opts.overlong_policy, opts.truncation_mode
-            )
-        except ChatSFTError as err:  # overlong_policy="error"
-            raise at_row(err, row_index + 1) from None
-        # Position 0 is never predicted (nothing comes before it), so it cannot count as trained.
-        counted = [(i, lab, num_trained(lab)) for i, lab in rows]
-        counted = [row for row in counted if row[2]]
-        if not counted:
-            why = why if why == DROP_TOO_LONG else DROP_NO_TRAINED
-            counted = [([], [], 0)]  # a placeholder row carrying the drop reason, removed below
-        for i, lab, trained in counted:
-            out["input_ids"].append(i)
-            out["labels"].append(lab)
-            out["_status"].append(why)
-            out["_row"].append(row_index)
-            out["_tokens"].append(len(i))
-            out["_trained"].append(trained)
-    return out
-
-
-def prepare_dataset(
-    dataset: datasets.Dataset,
-    tokenizer: Any,
-    opts: PrepOptions,
-    *,
-    formatting_func: Callable | None = None,
-    num_proc: int | None = None,
-    source: str | None = None,
-    name: str = "train",
-) -> tuple[datasets.Dataset, PrepStats]:
-    """Tokenize a raw dataset. Returns the kept rows (input_ids, labels) and the counts."""
-    if len(dataset) == 0:
-        raise ChatSFTError(f"the {name} dataset is empty", source=source)
-    if formatting_func is not None:
-        # What the function returns (a string or messages) decides the format.
-        fmt = _formatting_func_format(dataset, formatting_func)
-    else:
-        fmt = detect_format(dataset.column_names, opts.dataset_text_field, opts.dataset_format)
-    processes = _processes(num_proc, len(dataset))
-    with _frozen_heap():
-        tokenized = dataset.map(
-            _tokenize_batch,
-            batched=True,
-            with_indices=True,
-            batch_size=500,
-            num_proc=processes,
-            cache_file_name=_shard_file_name(dataset, processes),
-            remove_columns=dataset.column_names,
-            fn_kwargs={
-                "tokenizer": tokenizer,
-                "opts": opts,
-                "fmt": fmt,
-                "prefix_ids": special_prefix_ids(tokenizer),
-                "formatting_func": formatting_func,
-                "source": source,
-                "code_version": data_code_version(),
-            },
-            desc=f"Tokenizing {name} data",
-        )
-    # One read of the small columns: tokenized["_status"] is a lazy column that formats one row
-    # per item, several times slower than the whole map on short chats.
-    book = tokenized.select_columns(list(BOOKKEEPING)).to_dict()
-    status = book["_status"]
-    # One outcome per source row (a split row yields several output rows).
-    outcome: dict[int, str] = {}
-    for row_index, why in zip(book["_row"], status):
-        outcome.setdefault(row_index, why)
-    counts = Counter(outcome.values())
-    stats = PrepStats(
-        rows_read=len(dataset),
-        truncated=counts.pop("truncated", 0),
-        split=counts.pop("split", 0),
-    )
-    counts.pop("", None)
-    stats.dropped = dict(counts)
-    stats.kept = stats.rows_read - sum(stats.dropped.values())
-    keep = [i for i, why in enumerate(status) if why in ("", "truncated", "split")]
-    if not keep:
-        raise ChatSFTError(
-            f"every row of the {name} data was dropped ({stats.summary(name)})",
-            source=source,
-            hint="check max_length, overlong_policy and the loss-mask options",
-        )
-    if len(keep) < len(tokenized):
-        tokenized = tokenized.select(keep)
-    # Counted inside the (parallel) map: reading the token columns back here would be a Python
-    # loop over every token.
-    stats.total_tokens = sum(book["_tokens"][i] for i in keep)
-    stats.trained_tokens = sum(book["_trained"][i] for i in keep)
-    return tokenized.remove_columns(list(BOOKKEEPING)), stats
-
-
-@functools.cache
-def data_code_version() -> str:
-    """A hash of the data package's source. datasets fingerprints the map function's own code but
-    not what it calls (formats, templates, ...): without this, rows prepared by an older chatsft
-    (another column layout, fewer checks) would come back from the cache after an upgrade."""
-    folder = os.path.dirname(os.path.abspath(__file__))
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py"):
-            with open(os.path.join(folder, name), "rb") as f:
-                digest.update(name.encode() + f.read())
-    return digest.hexdigest()[:16]
-
-
-def _shard_file_name(dataset: datasets.Dataset, processes: int | None) -> str | None:
-    """Where worker processes write their part of an in-memory dataset: datasets' temporary cache
-    directory, deleted at exit. Without a file each part travels back pickled through a manager
-    process, 5% of the preparation time. Datasets with files of their own cache beside them."""
-    if processes is None or dataset.cache_files:
-        return None
-    name = f"cache-{generate_random_fingerprint()}.arrow"  # datasets' own name for such files
-    return os.path.join(get_temporary_cache_files_directory(), name)
-
-
-@contextlib.contextmanager
-def _frozen_heap() -> Iterator[None]:
-    """The garbage collector walks every object that existed before preparation (models, datasets,
-    an earlier trainer's leftovers) each time it runs, and in forked map workers it also copies
-    every page it touches: preparation was up to twice as slow after a TRL run in the same process.
-    Frozen objects are not walked. A caller's own gc.freeze() is left alone."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-AUTO_PROCESSES_FROM_ROWS = 10_000  # below this, starting worker processes costs more than it saves
-
-
-def _processes(requested: int | None, rows: int) -> int | None:
-    """dataset_num_proc, or by default every core (up to 8) for large datasets."""
-    if requested is None:
-        requested = min(os.cpu_count() or 1, 8) if rows >= AUTO_PROCESSES_FROM_ROWS else 1
-    return requested if requested > 1 and rows >= 2000 else None
-
-
-def _formatting_func_format(dataset: datasets.Dataset, formatting_func: Callable) -> str:
-    first = apply_formatting_func(dataset[0], formatting_func, 1)
-    return "text" if "text" in first else "messages"
+        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,22 +19,13 @@ from typing import TYPE_CHECKING, Any
 import datasets
 
 from ..data.collate import IGNORE_INDEX, PaddedCollator
+from ..data.encode import Encoded, PrepOptions, encode, prep_options_of
 from ..data.formats import PromptCompletion, Text, Tokenized, detect_format, normalize
 from ..data.load import dataset_spec, datasets_named, load_data
 from ..data.packing import best_fit_decreasing
-from ..data.prepare import prepare_for_training
-from ..data.templates import chat_renderer
-from ..data.tokenize import (
-    PrepOptions,
-    PrepStats,
-    fit_length,
-    num_trained,
-    prep_options_of,
-    render_with,
-    special_prefix_ids,
-    tokenize_segments,
-    trained_of,
-)
+from ..data.prepare import PrepStats, prepare_for_training
+from ..data.templates import RenderTimeout, chat_renderer, render_time_limit
+from ..data.tokenize import num_trained, trained_of
 from ..errors import ChatSFTError
 from ..model.load import load_tokenizer
 
@@ -141,7 +132,8 @@ def role_spans(example: Any, tokenizer: Any, text: str) -> tuple[list[float], li
 
     Message k of a conversation ends where the rendering of messages[:k + 1] ends; text the
     template adds after the last message belongs to it. A template that renders prefixes
-    differently cannot be split this way, so its tokens are 'unattributed'.
+    differently cannot be split this way, so its tokens are 'unattributed'. Call it inside the
+    example's render_time_limit (attributed_tokens does): a template that never ends is stopped.
     """
     inf = float("inf")
     if isinstance(example, Text):
@@ -153,59 +145,53 @@ def role_spans(example: Any, tokenizer: Any, text: str) -> tuple[list[float], li
     else:
         messages = example.messages
     ends: list[float] = []
-    for k in range(len(messages)):
-        try:
-            render = chat_renderer(tokenizer, messages, example.tools, example.template_kwargs)
+    try:
+        render = chat_renderer(tokenizer, messages, example.tools, example.template_kwargs)
+        for k in range(len(messages)):
             upto = render(messages[: k + 1], False)
-        except ChatSFTError:
-            return [inf], ["unattributed"]
-        if not text.startswith(upto):
-            return [inf], ["unattributed"]
-        ends.append(len(upto))
+            if not text.startswith(upto):
+                return [inf], ["unattributed"]
+            ends.append(len(upto))
+    except RenderTimeout:
+        raise
+    except ChatSFTError:
+        return [inf], ["unattributed"]
     ends[-1] = inf
     return ends, [m["role"] for m in messages]
 
 
 def attributed_tokens(
-    example: Any, tokenizer: Any, opts: PrepOptions, prefix_ids: list[int]
-) -> tuple[list[int], list[bool], list[str]]:
-    """Token ids, trained mask and the role of each token, built exactly like preparation builds
-    them (tokenize_segments), with character offsets to find the role."""
-    if isinstance(example, Tokenized):
-        mask = trained_of(example.labels)
-        return example.input_ids, mask, ["tokens"] * len(example.input_ids)
-    segments = render_with(example, tokenizer, opts)
-    text = "".join(t for t, _ in segments)
-    ends, names = role_spans(example, tokenizer, text)
-    plain = isinstance(example, Text) or isinstance(getattr(example, "prompt", None), str)
-    ids = list(prefix_ids) if plain else []
-    mask = [False] * len(ids)
-    roles = [names[0]] * len(ids)
-    [(text_ids, text_mask)] = tokenize_segments(tokenizer, [segments])
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
-        "offset_mapping"
-    ]
-    for token, trained, (start, end) in zip(text_ids, text_mask, offsets):
+    example: Any, tokenizer: Any, opts: PrepOptions, row: int = 1
+) -> tuple[Encoded, list[str]]:
+    """The example encoded exactly as preparation encodes it (data.encode), and the role of each
+    of its tokens, found from the tokens' character offsets. One render time limit covers the
+    example's renders for encoding and for the roles."""
+    with render_time_limit():
+        [encoded] = encode([example], tokenizer, opts, rows=[row], with_offsets=True)
+        if isinstance(example, Tokenized):
+            return encoded, ["tokens"] * len(encoded.input_ids)
+        if encoded.offsets is None:  # no character offsets: a slow tokenizer
+            return encoded, ["unattributed"] * len(encoded.input_ids)
+        ends, names = role_spans(example, tokenizer, encoded.text)
+    roles: list[str] = []
+    for start, end in encoded.offsets:
         if end > start:
             role = names[min(bisect.bisect_right(ends, start), len(names) - 1)]
-        else:  # a token with no characters of its own (trimmed offsets) joins its neighbour
+        else:  # no characters of its own (a BOS prefix, trimmed offsets): joins its neighbour
             role = roles[-1] if roles else names[0]
-        ids.append(token)
-        mask.append(trained)
         roles.append(role)
-    return ids, mask, roles
+    return encoded, roles
 
 
 def count_roles(
     dataset: datasets.Dataset, tokenizer: Any, opts: PrepOptions, limit: int
 ) -> tuple[dict[str, RoleCount], int]:
-    """Tokens and trained tokens per role over the first `limit` raw rows, after the same
-    max_length policy and first-token rule as training (so over all rows, the trained counts add
-    up to PrepStats.trained_tokens)."""
+    """Tokens and trained tokens per role over the first `limit` raw rows, in the rows training
+    keeps (the same length policy and first-token rule: over all rows, the trained counts add up
+    to PrepStats.trained_tokens)."""
     if not getattr(tokenizer, "is_fast", False):
         return {}, 0  # character offsets need a fast (Rust) tokenizer
     fmt = detect_format(dataset.column_names, opts.dataset_text_field, opts.dataset_format)
-    prefix_ids = special_prefix_ids(tokenizer)
     counts: dict[str, RoleCount] = {}
     sample = dataset.select(range(min(limit, len(dataset))))
     for i, row in enumerate(sample):
@@ -216,17 +202,14 @@ def count_roles(
             dataset_text_field=opts.dataset_text_field,
             prompt_template=opts.prompt_template,
         )
-        ids, mask, roles = attributed_tokens(example, tokenizer, opts, prefix_ids)
-        pieces, _ = fit_length(
-            list(range(len(ids))), mask, opts.max_length, opts.overlong_policy, opts.truncation_mode
-        )
-        for positions, piece_mask in pieces:
-            if not any(piece_mask[1:]):
-                continue  # preparation drops such rows
-            for position, trained in zip(positions, [False, *piece_mask[1:]]):
-                count = counts.setdefault(roles[position], RoleCount())
+        encoded, roles = attributed_tokens(example, tokenizer, opts, i + 1)
+        for a, b in encoded.pieces:
+            # Nothing predicts a row's first token.
+            trained = [False, *trained_of(encoded.labels[a + 1 : b])]
+            for role, is_trained in zip(roles[a:b], trained):
+                count = counts.setdefault(role, RoleCount())
                 count.tokens += 1
-                count.trained += trained
+                count.trained += is_trained
     return counts, len(sample)
 
 
