@@ -9,8 +9,8 @@ import pytest
 from conftest import chats
 from test_formats import GENERATION_TEMPLATE
 
-from chatsft.data.templates import _compiled_template, _InlineGeneration, render_chat
 from chatsft.data.prepare import _frozen_heap
+from chatsft.data.templates import _compiled_template, _InlineGeneration, render_chat
 from chatsft.data.tokenize import _plain_backend, encode_segments
 
 HEAD = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"

@@ -91,13 +91,14 @@ def encode(
     tokenizer: Any,
     opts: PrepOptions | None = None,
     *,
-    rows: Sequence[int] | None = None,
+    rows: Sequence[int | None] | None = None,
     source: str | None = None,
     with_offsets: bool = False,
     for_generation: bool = False,
 ) -> list[Encoded]:
     """Encode a batch of examples (batched: one tokenizer call, which the Rust tokenizer runs in
-    parallel). `rows` are their 1-based row numbers for errors (default: positions from 1).
+    parallel). `rows` are their 1-based row numbers for errors (default: positions from 1; a
+    generation prompt may have None).
 
     for_generation: each example's prompt (prompt_of) with the generation prompt, as the model
     continues it at inference; nothing trained, no length policy, `opts` not needed.
@@ -238,7 +239,7 @@ def prompt_of(example: Example) -> str | list[dict[str, Any]] | None:
 
 
 def _encode_prompts(
-    examples: Iterable[Example], tokenizer: Any, rows: Sequence[int] | None
+    examples: Iterable[Example], tokenizer: Any, rows: Sequence[int | None] | None
 ) -> list[Encoded]:
     prefix_ids = special_prefix_ids(tokenizer)
     out = []

@@ -32,6 +32,8 @@ from transformers import (
 )
 
 from ..config import SFTConfig
+from ..data.encode import encode
+from ..data.formats import Conversation
 from ..train.trainer import CONFIG_FILE, SFTTrainer
 from .tasks import TASKS, make_datasets
 
@@ -94,13 +96,11 @@ def generate_answers(
     answers: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            texts = [
-                tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                for p in prompts[start : start + batch_size]
-            ]
-            # The template already wrote every special token; the tokenizer must add none.
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            batch = batch.to(model.device)
+            # Rendered and tokenized as training encoded them (the template writes every
+            # special token), then left-padded.
+            chats = [Conversation(p) for p in prompts[start : start + batch_size]]
+            ids = [e.input_ids for e in encode(chats, tokenizer, for_generation=True)]
+            batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
             out = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,

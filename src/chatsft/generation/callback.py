@@ -10,23 +10,11 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..data.formats import (
-    Conversation,
-    PromptCompletion,
-    apply_formatting_func,
-    detect_format,
-    normalize,
-)
+from ..data.encode import encode, prompt_of
+from ..data.formats import Conversation, Text, apply_formatting_func, detect_format, normalize
 from ..errors import ChatSFTError
 from ..log import logger
-from .generate import (
-    GenerationResult,
-    check_prompt,
-    conversation_prompt,
-    generate,
-    model_context,
-    prompt_ids,
-)
+from .generate import GenerationResult, check_prompt, generate, model_context
 from .knobs import Prompt, check_generation_eval, check_knobs, fit_lengths
 
 GENERATIONS_FILE = "generations.jsonl"
@@ -64,8 +52,11 @@ class GenerationEvalCallback(TrainerCallback):
 
     def check(self, model: Any, tokenizer: Any) -> None:
         """Check the knobs against the prompts and the model, as generate() does first."""
-        row = (lambda i: i) if len(self.prompts) > 1 else (lambda i: None)
-        lengths = [len(prompt_ids(tokenizer, p, row(i))) for i, p in enumerate(self.prompts)]
+        examples = [Text(p) if isinstance(p, str) else Conversation(p) for p in self.prompts]
+        # Errors name a prompt by its 0-based position, as generate() does; a lone one by none.
+        rows = list(range(len(examples))) if len(examples) > 1 else [None]
+        encoded = encode(examples, tokenizer, rows=rows, for_generation=True)
+        lengths = [len(e.input_ids) for e in encoded]
         set_max = self._given.get("max_new_tokens") is not None
         fit_lengths(self.knobs, lengths, model_context(model), max_new_tokens_set=set_max)
 
@@ -153,7 +144,8 @@ def eval_prompts(
             dataset_text_field=dataset_text_field,
             prompt_template=prompt_template,
         )
-        prompt = _prompt_of(example)
+        # Plain text has no prompt/answer boundary, so no prompt to ask for here.
+        prompt = None if isinstance(example, Text) else prompt_of(example)
         if prompt is not None:
             prompts.append(prompt)
         if len(prompts) == num_prompts:
@@ -165,11 +157,3 @@ def eval_prompts(
             hint="give generation_eval.prompts",
         )
     return prompts
-
-
-def _prompt_of(example: Any) -> Prompt | None:
-    if isinstance(example, PromptCompletion):
-        return example.prompt
-    if isinstance(example, Conversation):
-        return conversation_prompt(example.messages)
-    return None  # plain text and token ids have no prompt/answer boundary
