@@ -106,7 +106,7 @@ def encode(
     if for_generation:
         return _encode_prompts(examples, tokenizer, rows)
     assert opts is not None, "encode needs PrepOptions except for_generation"
-    prefix_ids = special_prefix_ids(tokenizer)
+    prefix_ids = None  # looked up (two tokenizer calls) only for a batch with plain strings
     row_of = (lambda k: k + 1) if rows is None else list(rows).__getitem__
     heads: list[list[int]] = []  # ids before the rendered text: the BOS rule
     rendered: list[list[Segment]] = []
@@ -120,7 +120,9 @@ def encode(
             continue
         whole.append(([], []))
         rendered.append(_render(example, tokenizer, opts, row_of(k), source))
-        heads.append(prefix_ids if _is_plain(example) else [])
+        if _is_plain(example) and prefix_ids is None:
+            prefix_ids = special_prefix_ids(tokenizer)
+        heads.append(prefix_ids if _is_plain(example) and prefix_ids else [])
         owners.append(k)
     extras: list[dict[str, Any]] = [{}] * len(whole)  # text and offsets, with_offsets
     if rendered:
