@@ -98,8 +98,7 @@ def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(
     import transformers.modeling_utils
 
     from chatsft.cli import main
-    from chatsft.train.checkpoints import newest_complete_checkpoint
-    from chatsft.train.trainer import STAGING_DIR
+    from chatsft.train.checkpoints import STAGING_DIR, newest_complete_checkpoint
 
     data = write_jsonl(tmp_path / "d.jsonl", chats(32, seed=2))
     out = tmp_path / "o"

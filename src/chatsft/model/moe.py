@@ -30,3 +30,10 @@ def router_aux_coef(model: torch.nn.Module, coef: float | None) -> float:
     if hasattr(config, "router_aux_loss_coef"):
         config.router_aux_loss_coef = value
     return float(value)
+
+
+def router_loss(aux_loss: torch.Tensor, coef: float, micro_batches: int) -> torch.Tensor:
+    """The router term of a micro-batch's loss. `aux_loss` is a per-micro-batch mean (DDP averages
+    it over ranks): divided by the step's micro-batches, so that gradient accumulation leaves its
+    weight unchanged (as TRL does)."""
+    return coef * aux_loss / micro_batches

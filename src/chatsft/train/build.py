@@ -24,6 +24,7 @@ from ..model.attention import (
     isolates_without_dense_mask,
     shared_rows_refusal,
 )
+from ..model.compile import compile_decoder_layers
 from ..model.gguf import find_gguf, load_gguf
 from ..model.load import (
     apply_peft,
@@ -33,13 +34,9 @@ from ..model.load import (
     sync_special_tokens,
     training_init_kwargs,
 )
+from .model_card import MODEL_TAGS
 
 PREPARED_COLUMNS = ("input_ids", "labels", "seq_lengths", "attention_mask", "position_ids")
-
-
-# Tags written to the model card. "sft" is what TRL-based tooling and hub filters look for; a model
-# trained by chatsft does not claim TRL's own "trl" tag.
-MODEL_TAGS = ["chatsft", "sft"]
 
 
 def check_train_dataset(train_dataset: Any) -> None:
@@ -182,39 +179,50 @@ def model_name(model: torch.nn.Module) -> str | None:
     return getattr(config, "_name_or_path", None) or None
 
 
-def lora_summary(model: torch.nn.Module) -> dict[str, Any] | None:
-    config = (getattr(model, "peft_config", None) or {}).get("default")
-    if config is None:
-        return None
-    targets = getattr(config, "target_modules", None)  # prompt tuning has none
-    return {
-        "type": str(getattr(config, "peft_type", "LORA")).split(".")[-1],
-        "r": getattr(config, "r", None),
-        "alpha": getattr(config, "lora_alpha", None),
-        "dropout": getattr(config, "lora_dropout", None),
-        "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets,
-    }
+def with_run_callbacks(
+    callbacks: list | None,
+    args: SFTConfig,
+    eval_dataset: Any,
+    tokenizer: Any,
+    formatting_func: Callable | None,
+) -> tuple[list | None, TrainerCallback | None]:
+    """The given callbacks plus chatsft's: the training report (also returned: the trainer tells
+    it the dataset's name) and generation_eval's sampler (its prompts cut from the raw eval rows,
+    so this runs before preparation)."""
+    report = None
+    if args.training_report:
+        from .report import TrainingReportCallback
 
-
-def generation_eval_callback(
-    args: SFTConfig, eval_dataset: Any, tokenizer: Any, formatting_func: Callable | None
-) -> TrainerCallback:
-    if args.eval_strategy == "no":
-        warnings.warn(
-            "generation_eval samples at each evaluation, but eval_strategy is 'no'; set "
-            "eval_strategy: steps (with eval_steps) or call trainer.evaluate()",
-            stacklevel=3,
+        report = TrainingReportCallback()
+        callbacks = [*(callbacks or []), report]
+    if args.generation_eval is not None:
+        if args.eval_strategy == "no":
+            warnings.warn(
+                "generation_eval samples at each evaluation, but eval_strategy is 'no'; set "
+                "eval_strategy: steps (with eval_steps) or call trainer.evaluate()",
+                stacklevel=3,  # this function, SFTTrainer.__init__, then the caller's line
+            )
+        sampler = generation_eval_callback_from_config(
+            args.generation_eval,
+            eval_dataset,
+            tokenizer,
+            dataset_format=args.dataset_format,
+            column_map=args.column_map,
+            dataset_text_field=args.dataset_text_field,
+            prompt_template=args.prompt_template,
+            formatting_func=formatting_func,
         )
-    return generation_eval_callback_from_config(
-        args.generation_eval,
-        eval_dataset,
-        tokenizer,
-        dataset_format=args.dataset_format,
-        column_map=args.column_map,
-        dataset_text_field=args.dataset_text_field,
-        prompt_template=args.prompt_template,
-        formatting_func=formatting_func,
-    )
+        callbacks = [*(callbacks or []), sampler]
+    return callbacks, report
+
+
+def compile_layers(args: SFTConfig, model: torch.nn.Module) -> str | None:
+    """torch_compile: compile the decoder layers in place (regional, dynamic length), unless
+    FSDP/DeepSpeed wrap the model, where accelerate's own compile path applies. Returns the log
+    line, None where nothing was compiled here."""
+    if not args.torch_compile or args.fsdp or args.deepspeed:
+        return None
+    return compile_decoder_layers(model, args.torch_compile_backend, args.torch_compile_mode)
 
 
 def forward_keys(model: torch.nn.Module) -> set[str] | None:
@@ -226,6 +234,17 @@ def forward_keys(model: torch.nn.Module) -> set[str] | None:
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return None
     return set(params)
+
+
+def split_batch(
+    inputs: dict[str, torch.Tensor], keys: set[str] | None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(the forward's inputs, labels): a plain module gets only the keys it takes (forward_keys)."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    if keys is not None:
+        inputs = {k: v for k, v in inputs.items() if k in keys}
+    return inputs, labels
 
 
 @dataclass

@@ -1,17 +1,23 @@
-"""Checkpoints that can be trusted: found in order, checked before a resume (complete, readable,
-trained by the same run), and a save that fails names the folder and the space it needed."""
+"""Checkpoints that can be trusted: saved into a staging folder and renamed once complete, found in
+order, checked before a resume (complete, readable, trained by the same run), and a save that fails
+names the folder and the space it needed."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import shutil
+from collections.abc import Callable
 from typing import Any
+
+from transformers.trainer_utils import rotate_checkpoints
 
 from ..errors import ChatSFTError
 from ..files import safetensors_problem
 
 RUN_FILE = "chatsft_run.json"  # the settings of the run that wrote a checkpoint
+STAGING_DIR = ".checkpoint-in-progress"  # checkpoint-N is written in here, then moved out
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
 # Settings that decide what a run trains: a resume with others would continue a different run.
 # (max_steps, epochs, saving, logging and evaluation may change between a run and its resume.)
@@ -59,6 +65,25 @@ def newest_complete_checkpoint(output_dir: str) -> str | None:
         if weights and os.path.exists(os.path.join(folder, "trainer_state.json")):
             return folder
     return None
+
+
+def newest_to_resume(output_dir: str) -> str:
+    """`resume_from_checkpoint=True`: the newest complete checkpoint (transformers would take the
+    highest-numbered folder even if a crash cut it short)."""
+    folder = newest_complete_checkpoint(output_dir)
+    if folder is None:
+        raise ChatSFTError("no complete checkpoint to resume from", source=output_dir)
+    return folder
+
+
+def unsafe_checkpoint(err: BaseException, folder: str) -> ChatSFTError:
+    """For a checkpoint file that torch.load(weights_only=True) refused to unpickle."""
+    return ChatSFTError(
+        "refused to load a checkpoint file that holds objects other than tensors and numbers "
+        f"(unsafe to unpickle): {str(err).splitlines()[0][:200]}",
+        source=folder,
+        hint="resume only from checkpoints you trust, or train without --resume",
+    )
 
 
 def _torch_file_problem(path: str, safe_load: bool) -> str | None:
@@ -168,3 +193,47 @@ def save_failed(err: BaseException, folder: str, what: str, model: Any) -> ChatS
         hint="free disk space, then continue with --resume (the last complete checkpoint is "
         "intact)",
     )
+
+
+def staging_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, STAGING_DIR)
+
+
+def stage(
+    save: Callable[[], None],
+    run_dir: str,
+    name: str,
+    record: dict[str, Any] | None,
+    model: Any,
+    should_save: bool,
+) -> None:
+    """Run `save`, which writes checkpoint `name` under `staging_dir(run_dir)`, and add the run
+    file. A failed save leaves no staging folder behind and says what it needed (save_failed)."""
+    staging = staging_dir(run_dir)
+    try:
+        save()
+        if should_save:
+            write_run_file(os.path.join(staging, name), record)
+    except (OSError, RuntimeError) as err:  # a full disk: safetensors raises its own error
+        shutil.rmtree(staging, ignore_errors=True)
+        raise save_failed(err, os.path.join(run_dir, name), name, model) from None
+
+
+def publish(run_dir: str, name: str, best: str | None, save_total_limit: int | None) -> str | None:
+    """Move the staged checkpoint `name` into `run_dir` (every rank has finished writing it), then
+    rotate by save_total_limit. Returns `best` (the best model's checkpoint) moved along."""
+    staging = staging_dir(run_dir)
+    final = os.path.join(run_dir, name)
+    if os.path.exists(final):
+        shutil.rmtree(final)  # a stale folder from an earlier run at the same step
+    os.replace(os.path.join(staging, name), final)
+    shutil.rmtree(staging, ignore_errors=True)
+    if best and best.startswith(staging):
+        best = os.path.join(run_dir, os.path.basename(best))
+    rotate_checkpoints(
+        output_dir=run_dir,
+        save_total_limit=save_total_limit,
+        best_model_checkpoint=best,
+        use_mtime=True,
+    )
+    return best

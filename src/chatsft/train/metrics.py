@@ -1,4 +1,5 @@
-"""The numbers logged next to the loss: trained-token counts and accuracy, and the MoE router loss.
+"""The numbers logged next to the loss: trained-token counts and accuracy, the MoE router loss,
+and the loss itself corrected for skipped steps.
 
 Each micro-batch adds its counts as device tensors (no host sync per step); they are read, summed
 over ranks, once per log line.
@@ -6,6 +7,7 @@ over ranks, once per log line.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -56,3 +58,23 @@ class RunMetrics:
         self.num_trained_tokens += tokens
         logs["num_trained_tokens"] = self.num_trained_tokens
         logs["mean_token_accuracy"] = accuracy
+
+
+def reduce_over_ranks(accelerator: Any) -> Reduce:
+    """`Reduce` over the ranks of `accelerator` (no collective call for a single process)."""
+
+    def reduce(tensor: torch.Tensor, how: str) -> torch.Tensor:
+        if accelerator.num_processes > 1:
+            return accelerator.reduce(tensor, reduction=how)
+        return tensor
+
+    return reduce
+
+
+def loss_of_applied_steps(loss: float, steps: int, skipped: int) -> float:
+    """The Trainer averages a log's loss over every step of its window, and a skipped step added 0
+    (`nonfinite.zero_if_nonfinite`): the mean over the applied steps instead (NaN if none was)."""
+    if not skipped:
+        return loss
+    applied = steps - skipped
+    return loss * steps / applied if applied else math.nan

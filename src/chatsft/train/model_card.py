@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 from typing import Any
 
+CONFIG_FILE = "training_config.yaml"  # `chatsft train` reads it back to re-run the training
+# Tags written to the model card. "sft" is what TRL-based tooling and hub filters look for; a model
+# trained by chatsft does not claim TRL's own "trl" tag.
+MODEL_TAGS = ["chatsft", "sft"]
 SECRET_SUFFIXES = ("_token", "_secret", "_password", "_key")
 NOT_SECRET = ("eos_token", "pad_token")
 # Fields TrainingArguments fills in from others; writing them back would pin machine-specific values.
@@ -138,3 +143,50 @@ def model_card(
         text = yaml.safe_dump(settings, sort_keys=True).rstrip()
         lines += ["", "## Settings (differing from the defaults)", "", "```yaml", text, "```"]
     return "\n".join(lines) + "\n"
+
+
+def lora_summary(model: Any) -> dict[str, Any] | None:
+    config = (getattr(model, "peft_config", None) or {}).get("default")
+    if config is None:
+        return None
+    targets = getattr(config, "target_modules", None)  # prompt tuning has none
+    return {
+        "type": str(getattr(config, "peft_type", "LORA")).split(".")[-1],
+        "r": getattr(config, "r", None),
+        "alpha": getattr(config, "lora_alpha", None),
+        "dropout": getattr(config, "lora_dropout", None),
+        "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets,
+    }
+
+
+def write_run_files(
+    output_dir: str,
+    args: Any,
+    *,
+    record: dict[str, Any] | None,
+    model: Any,
+    model_name: str | None,
+    command: str | None,
+    log_history: list[dict[str, Any]],
+) -> None:
+    """training_config.yaml (the CLI's run record, or else the settings that differ from the
+    defaults) and the model card README.md (replacing peft's blank template in adapter folders)."""
+    import yaml
+
+    settings = non_default_settings(args)
+    record = record or {"model_name_or_path": model_name, **settings}
+    with open(os.path.join(output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        yaml.safe_dump(plain(record), f, sort_keys=False)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    card = model_card(
+        base_model=model_name,
+        dataset=record.get("dataset_name"),
+        command=command,
+        metrics=final_metrics(log_history),
+        policy=mask_policy(args),
+        peft=lora_summary(model),
+        tags=list(getattr(base, "model_tags", None) or MODEL_TAGS),
+        settings=settings,
+    )
+    with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
+        f.write(card)

@@ -10,16 +10,22 @@ host sync per step: each sync makes the GPU idle while the host catches up with 
   skip `step()`. Under DeepSpeed the engine updates inside backward: the step is reported, not
   skipped.
 - The flags stay on the device until the trainer logs (it reads the loss then anyway) or ends.
+  `SkippedSteps` is the trainer's side: it counts the skipped steps, stops the run past
+  `max_nonfinite_batches`, and corrects the logged loss.
 """
 
 from __future__ import annotations
 
 import math
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ..errors import ChatSFTError
+from .metrics import loss_of_applied_steps
 
 _INSTALLED = "_chatsft_nonfinite_guard"
 MAX_PENDING = 1000  # steps whose flags wait on the device for the next read
@@ -111,3 +117,57 @@ class NonFiniteGuard:
             elif not math.isfinite(norm):
                 found.append(NonFiniteStep(step, "gradient norm", norm))
         return found
+
+
+def zero_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """The loss the Trainer adds up for its log: a skipped micro-batch adds 0 (see
+    `SkippedSteps.logged_loss`). Checked on the device, which spares the Trainer's own NaN filter
+    and its host sync (SFTConfig turns it off)."""
+    return torch.where(torch.isfinite(loss), loss, 0.0)
+
+
+class SkippedSteps:
+    """The trainer's side of the guard: which steps were skipped, when to stop, what to log."""
+
+    def __init__(self, max_skipped: int, say: Callable[[str | None], None]) -> None:
+        self.guard = NonFiniteGuard()
+        self.steps: list[int] = []  # every skipped optimizer step, in order
+        self.max_skipped = max_skipped
+        self.say = say
+        self._since_log = 0  # optimizer steps since the last training log
+
+    def before_step(self, step: int, grad_norm: Any, optimizer: Any, guarded: bool) -> None:
+        """Right before `optimizer.step()` (accelerate's wrapper or the optimizer itself)."""
+        self._since_log += 1
+        if guarded:
+            self.guard.before_step(step, grad_norm, getattr(optimizer, "optimizer", optimizer))
+
+    def report(self) -> list[NonFiniteStep]:
+        """Count the non-finite steps found since the last call; stop past `max_skipped`."""
+        found = self.guard.read()
+        for bad in found:
+            self.steps.append(bad.step)
+            if len(self.steps) > self.max_skipped:
+                raise ChatSFTError(
+                    f"the {bad.what} is {bad.value} at step {bad.step}; its update was not "
+                    "applied; stopping",
+                    field=bad.what,
+                    hint="lower learning_rate, check the data of that step, or set "
+                    "max_nonfinite_batches to skip such steps",
+                )
+            self.say(f"skipped step {bad.step}: its {bad.what} is {bad.value}")
+        return found
+
+    def logged_loss(self, loss: float) -> float:
+        """A training log's loss over the steps applied since the last log (the host reads the
+        loss then anyway, so the flags are read with it)."""
+        steps, self._since_log = self._since_log, 0
+        return loss_of_applied_steps(loss, steps, len(self.report()))
+
+    def finish(self) -> None:
+        """At the end of training: report what is still pending, then the run's total."""
+        self.report()
+        if self.steps:
+            self.say(
+                f"skipped {len(self.steps)} non-finite steps ({', '.join(map(str, self.steps))})"
+            )
