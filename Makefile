@@ -7,7 +7,7 @@ STAMP := $(VENV)/.chatsft-installed
 # while torch==2.13.0 is a CPU build. The package itself accepts a range.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint format bench real clean
+.PHONY: install demo test test-fast lint format bench real clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest
+
+# The fast tier for development: every test not marked slow, distributed or browser.
+test-fast: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not distributed and not browser"
 
 lint: install
 	$(BIN)/ruff check src tests bench

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import datasets
+import pytest
 from conftest import chats, offline_env
 
 from chatsft import SFTConfig, SFTTrainer
@@ -34,6 +35,7 @@ def test_log_level_and_handlers(tmp_path, model_dir, capsys):
         logger.setLevel(logging.INFO)
 
 
+@pytest.mark.slow
 def test_transformers_verbosity_silences_chatsft_lines(tmp_path, model_dir):
     code = (
         "import datasets\nfrom chatsft import SFTConfig, SFTTrainer\n"

@@ -15,6 +15,7 @@ from chatsft.cli.parser import parse
 from chatsft.cli.train import build_parser
 
 
+@pytest.mark.slow
 def test_train_from_yaml_with_overrides(tmp_path, model_dir):
     data = write_jsonl(tmp_path / "train.jsonl", chats(12))
     cfg = tmp_path / "run.yaml"
@@ -79,6 +80,7 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     assert "model path does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_single_name_hub_id_loads_from_the_cache_offline(tmp_path, model_dir):
     """`gpt2`-style ids (no org) already in the Hugging Face cache load with HF_HUB_OFFLINE=1, as
     with transformers; an id that is not cached is a clear error."""

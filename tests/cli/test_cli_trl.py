@@ -131,6 +131,7 @@ def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path, capsys):
     assert "aliases" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_help_lists_every_field_with_its_help():
     from chatsft.config import ModelConfig, ScriptArguments, SFTConfig
 
@@ -206,6 +207,7 @@ def test_model_card_in_model_and_adapter_folders(tmp_path, model_dir, capsys):
     assert "Fine-tuned model trained with chatsft" in card and "library_name: transformers" in card
 
 
+@pytest.mark.slow
 def test_an_adapter_merges_from_anywhere_and_base_can_be_overridden(tmp_path, model_dir, capsys):
     rel_model = os.path.relpath(model_dir)  # trained from a relative path
     config = trl_config(tmp_path, rel_model, eval_strategy="no")

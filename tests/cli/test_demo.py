@@ -55,6 +55,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return run_demo(str(tmp_path_factory.mktemp("demo")), quick=True)
 
 
+@pytest.mark.slow
 def test_quick_demo_learns_the_tasks(quick_run: dict) -> None:
     # Chance is about zero: a 4-character answer and the stop token must all be right.
     assert quick_run["accuracy_before"] <= 0.05
@@ -64,6 +65,7 @@ def test_quick_demo_learns_the_tasks(quick_run: dict) -> None:
     assert quick_run["steps"] > 0 and len(quick_run["samples"]) == len(TASKS)
 
 
+@pytest.mark.slow
 def test_quick_demo_output_reloads_with_plain_transformers(quick_run: dict) -> None:
     out = Path(quick_run["output_dir"])
     for name in ("config.json", "model.safetensors", "tokenizer.json", "training_config.yaml"):

@@ -70,6 +70,7 @@ def cli_error(argv: list[str], capsys) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_cli_trains_on_the_train_file_and_evaluates_on_the_test_file(
     split_folder, model_dir, tmp_path
 ):

@@ -379,6 +379,7 @@ needs_smollm2 = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_import_then_export(tmp_path):
     folder = import_gguf(SMOLLM2, os.path.join(SMOLLM2_CACHE, "imported"))
@@ -441,6 +442,7 @@ def test_export_import_and_train_from_a_gguf_on_the_command_line(tmp_path, sourc
     assert "invalid choice: 'q4'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_trains_with_its_chatml_masks_and_generates_the_same_after_saving(tmp_path):
     """The real model: a few LoRA steps on SmolLM2-135M-Instruct, assistant-only masks pinned under

@@ -251,6 +251,7 @@ class DomCounts(HTMLParser):
             self.examples[-1]["titles"].append(a["title"])
 
 
+@pytest.mark.browser
 @needs_chromium
 def test_html_in_a_browser_matches_the_statistics(data, tokenizer_dir, tmp_path):
     page = tmp_path / "inspect.html"
