@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from vs_trl import WORKLOADS, build_model, load_workload_module, shared_bench_dir
 
 from chatsft.data.collate import IGNORE_INDEX, PaddingFreeCollator
+from chatsft.data.encode import PrepOptions
 from chatsft.data.prepare import prepare_for_training
-from chatsft.data.tokenize import PrepOptions
 from chatsft.model.attention import use_document_attention
 from chatsft.model.loss import supervised_loss
 

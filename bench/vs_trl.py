@@ -71,6 +71,11 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # torch_compile: chatsft compiles each decoder layer in place (dynamic length).
     "chatsft-packing-compile": ("chatsft", {"packing": True, "torch_compile": True}),
     "chatsft-default-compile": ("chatsft", {"torch_compile": True}),
+    # TRL through transformers' torch_compile (the whole model, by accelerate).
+    "trl-packing-nogc-compile": (
+        "trl",
+        {"packing": True, "gradient_checkpointing": False, "torch_compile": True},
+    ),
 }
 # Compiled packing with activation checkpointing on every n-th decoder layer.
 for _n in (2, 3, 4, 6):

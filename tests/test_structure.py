@@ -22,6 +22,7 @@ def modules_after(code: str) -> set[str]:
     return set(done.stdout.split())
 
 
+@pytest.mark.slow
 def test_help_and_the_data_package_do_not_load_the_trainer():
     helped = modules_after("from chatsft.cli import main, usage\nusage()")
     assert "torch" not in helped and "transformers" not in helped

@@ -18,9 +18,9 @@ from test_masks import prepare, trained_text
 
 from chatsft import ChatSFTError, SFTConfig
 from chatsft.data import templates
+from chatsft.data.encode import PrepOptions
 from chatsft.data.formats import MAX_DEPTH, normalize
 from chatsft.data.prepare import prepare_for_training
-from chatsft.data.tokenize import PrepOptions
 
 # The benchmark workload's ChatML template, which marks assistant turns for TRL.
 GENERATION_TEMPLATE = (

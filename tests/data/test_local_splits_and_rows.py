@@ -18,9 +18,9 @@ from chatsft import ChatSFTError
 from chatsft.cli import main
 from chatsft.cli.build import datasets_of
 from chatsft.config import ScriptArguments, SFTConfig
+from chatsft.data.encode import PrepOptions
 from chatsft.data.load import load_data
 from chatsft.data.prepare import prepare_for_training
-from chatsft.data.tokenize import PrepOptions
 
 EMPTY_SYSTEM = {
     "messages": [

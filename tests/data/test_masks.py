@@ -7,8 +7,8 @@ import pytest
 from conftest import trained_mask_of
 
 from chatsft.data.collate import IGNORE_INDEX, PaddedCollator
+from chatsft.data.encode import PrepOptions
 from chatsft.data.prepare import prepare_for_training
-from chatsft.data.tokenize import PrepOptions
 
 
 def prepare(rows, tokenizer, **kw):

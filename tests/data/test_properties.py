@@ -9,8 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatsft.data.collate import IGNORE_INDEX, PaddingFreeCollator
+from chatsft.data.encode import PrepOptions
 from chatsft.data.packing import best_fit_decreasing, pack_dataset
-from chatsft.data.tokenize import PrepOptions, prepare_dataset
+from chatsft.data.prepare import prepare_dataset
 
 lengths_and_capacity = st.integers(4, 64).flatmap(
     lambda cap: st.tuples(st.lists(st.integers(1, cap), min_size=1, max_size=60), st.just(cap))

@@ -15,8 +15,9 @@ import datasets
 import pytest
 from conftest import trained_mask_of
 
+from chatsft.data.encode import PrepOptions
 from chatsft.data.prepare import prepare_for_training
-from chatsft.data.tokenize import PrepOptions, _token_mask_unordered, token_mask, tokenize_segments
+from chatsft.data.tokenize import _token_mask_unordered, token_mask, tokenize_segments
 from chatsft.errors import ChatSFTError
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]

@@ -102,6 +102,7 @@ def _batch(lengths, vocab, seed):
     return {"input_ids": ids, "position_ids": positions}, labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["cpu operator", "varlen stand-in"])
 def test_compiled_layer_keeps_attention_in_its_graph(tokenizer, monkeypatch, kernel):
     eager = make_model(tokenizer, hidden=64, layers=2)

@@ -10,9 +10,9 @@ from conftest import chats, make_model
 
 from chatsft import SFTConfig, SFTTrainer
 from chatsft.data.collate import PaddedCollator, PaddingFreeCollator
+from chatsft.data.encode import PrepOptions
 from chatsft.data.packing import best_fit_decreasing, pack_dataset
 from chatsft.data.prepare import prepare_for_training
-from chatsft.data.tokenize import PrepOptions
 from chatsft.model.attention import use_document_attention
 from chatsft.model.loss import supervised_loss
 

@@ -14,6 +14,8 @@ from conftest import chats, offline_env, write_jsonl
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -249,6 +249,7 @@ def test_without_matplotlib_the_report_has_no_images_and_says_why(tmp_path, monk
     assert sorted(os.listdir(tmp_path)) == [REPORT_FILE]
 
 
+@pytest.mark.browser
 def test_tiny_run_report_opens_in_a_browser(tmp_path, model_dir):
     out = tmp_path / "out"
     args = SFTConfig(

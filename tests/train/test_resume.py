@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import chats, offline_env, write_jsonl
 from safetensors.torch import load_file
 
@@ -36,6 +37,7 @@ def _tokens(folder: Path) -> dict[int, int]:
     return {h["step"]: h["num_trained_tokens"] for h in state["log_history"] if "loss" in h}
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, model_dir):
     data = write_jsonl(tmp_path / "d.jsonl", chats(64, seed=4))
     common = [

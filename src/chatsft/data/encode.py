@@ -248,24 +248,43 @@ def _encode_prompts(
     for k, example in enumerate(examples):
         row = k + 1 if rows is None else rows[k]
         prompt = prompt_of(example)
-        if isinstance(prompt, str):
-            ids = prefix_ids + tokenize_text(tokenizer, prompt) if prompt else []
-            if not prompt or not ids:
-                raise ChatSFTError(
-                    "a plain-text prompt is empty, so there is nothing to continue",
-                    row=row,
-                    field="prompt",
-                    hint="give some text, or a chat prompt",
-                )
-        elif prompt is None:
+        if prompt is None:
             raise ChatSFTError("this example has no prompt to generate from", row=row)
-        else:
-            tools = getattr(example, "tools", None)
-            kwargs = getattr(example, "template_kwargs", None)
-            text = render_chat(tokenizer, prompt, tools, True, kwargs)
-            ids = tokenize_text(tokenizer, text)
+        tools = getattr(example, "tools", None)
+        kwargs = getattr(example, "template_kwargs", None)
+        ids = encode_prompt(tokenizer, prompt, row, tools, kwargs, prefix_ids=prefix_ids)
         out.append(Encoded(ids, [IGNORE_INDEX] * len(ids), [(0, len(ids))]))
     return out
+
+
+def encode_prompt(
+    tokenizer: Any,
+    prompt: str | list[dict[str, Any]],
+    row: int | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+    *,
+    prefix_ids: list[int] | None = None,
+) -> list[int]:
+    """The ids a model continues at inference, encoded as training encodes the same text: a chat
+    prompt through the chat template with the generation prompt; plain text after the BOS rule
+    (`prefix_ids`: the tokenizer's own, looked up when not given)."""
+    if isinstance(prompt, str):
+        if prefix_ids is None:
+            prefix_ids = special_prefix_ids(tokenizer)
+        ids = prefix_ids + tokenize_text(tokenizer, prompt) if prompt else []
+        # An empty text prompt gives the model nothing to continue (or only a BOS token): refused
+        # here rather than left to fail deep inside the model's forward.
+        if not prompt or not ids:
+            raise ChatSFTError(
+                "a plain-text prompt is empty, so there is nothing to continue",
+                row=row,
+                field="prompt",
+                hint="give some text, or a chat prompt",
+            )
+        return ids
+    text = render_chat(tokenizer, prompt, tools, True, template_kwargs)
+    return tokenize_text(tokenizer, text)
 
 
 def tokenize_text(tokenizer: Any, text: str) -> list[int]:

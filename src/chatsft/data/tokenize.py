@@ -256,24 +256,3 @@ def num_trained(labels: list[int]) -> int:
         return 0
     # Counted on the whole list: labels[1:] would copy it.
     return len(labels) - labels.count(IGNORE_INDEX) - (labels[0] != IGNORE_INDEX)
-
-
-# Names that moved to data/encode.py and data/prepare.py, still importable from here for code that
-# has not followed yet (train/build.py, bench/layouts.py, tests/model); resolved on first use
-# because those modules import this one.
-_MOVED = {
-    "PrepOptions": "encode",
-    "prep_options_of": "encode",
-    "fit_length": "encode",
-    "PrepStats": "prepare",
-    "prepare_dataset": "prepare",
-    "data_code_version": "prepare",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,7 +34,8 @@ from transformers import (
 from ..config import SFTConfig
 from ..data.encode import encode
 from ..data.formats import Conversation
-from ..train.trainer import CONFIG_FILE, SFTTrainer
+from ..train.model_card import CONFIG_FILE
+from ..train.trainer import SFTTrainer
 from .tasks import TASKS, make_datasets
 
 ASSETS = Path(__file__).parent / "assets"

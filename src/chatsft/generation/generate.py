@@ -25,8 +25,8 @@ from transformers import (
     TextStreamer,
 )
 
+from ..data.encode import encode_prompt
 from ..data.formats import check_messages
-from ..data.templates import render_chat
 from ..errors import ChatSFTError
 from ..files import safetensors_problem
 from ..model.load import (
@@ -64,28 +64,14 @@ def conversation_prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]] 
 
 
 def prompt_ids(tokenizer: Any, prompt: Prompt, row: int | None = None) -> list[int]:
-    """Chat prompts through the chat template (which writes every special token itself, so the
-    tokenizer adds none); plain strings tokenized as they are, with the tokenizer's own specials."""
-    if isinstance(prompt, str):
-        ids = tokenizer(prompt)["input_ids"] if prompt else []
-        # An empty text prompt gives the model nothing to continue (or only a BOS token): refused
-        # here rather than left to fail deep inside the model's forward.
-        if not prompt or not ids:
-            raise ChatSFTError(
-                "a plain-text prompt is empty, so there is nothing to continue",
-                row=row,
-                field="prompt",
-                hint="give some text, or a chat prompt (without --raw, text is a user turn)",
-            )
-        return ids
-    if not getattr(tokenizer, "chat_template", None):
+    """What the model continues: encoded exactly as training encodes it (data.encode)."""
+    if not isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None):
         raise ChatSFTError(
             "the tokenizer has no chat template, so chat prompts cannot be rendered",
             field="chat_template",
             hint="pass a plain-text prompt, or give a chat template (--chat_template)",
         )
-    text = render_chat(tokenizer, prompt, None, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode_prompt(tokenizer, prompt, row)
 
 
 def end_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, TrainerCallback, TrainingArguments, se
 
 from ..config import SFTConfig
 from ..data.collate import PaddedCollator, PaddingFreeCollator
-from ..data.tokenize import PrepOptions, prep_options_of
+from ..data.encode import PrepOptions, prep_options_of
 from ..errors import ChatSFTError
 from ..generation.callback import generation_eval_callback_from_config
 from ..model.attention import (

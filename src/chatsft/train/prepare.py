@@ -12,9 +12,9 @@ import datasets
 import torch
 
 from ..config import SFTConfig
-from ..data.prepare import prepare_for_training
+from ..data.encode import PrepOptions
+from ..data.prepare import PrepStats, prepare_for_training
 from ..data.streaming import ConstantLengthDataset
-from ..data.tokenize import PrepOptions, PrepStats
 from .build import check_labels_present, check_no_transform, prep_options
 
 

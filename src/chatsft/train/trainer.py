@@ -32,12 +32,11 @@ from .build import (
     with_run_callbacks,
 )
 from .metrics import RunMetrics, reduce_over_ranks
-from .model_card import CONFIG_FILE, write_run_files
+from .model_card import write_run_files
 from .nonfinite import SkippedSteps, zero_if_nonfinite
 from .prepare import DataPrep
 
-# CONFIG_FILE: demo/run.py reads it from here.
-__all__ = ["CONFIG_FILE", "PRIVATE_TRAINER_METHODS", "SFTTrainer"]
+__all__ = ["PRIVATE_TRAINER_METHODS", "SFTTrainer"]
 
 # The private transformers.Trainer methods chatsft overrides or replaces, with the parameters they
 # had when verified (transformers 5.0 to 5.25; pyproject.toml allows >=5,<6).
