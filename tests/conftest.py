@@ -16,7 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# Under pytest-xdist (make test: two workers) each worker gets one core.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 FIXTURES = Path(__file__).parent / "fixtures"  # data files the tests read
