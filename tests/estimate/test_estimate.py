@@ -173,7 +173,7 @@ def test_parse_memory():
         parse_memory("lots")
 
 
-def run_cli(argv, capsys):
+def estimate_cli(argv, capsys):
     """`chatsft estimate ARGV` through the dispatcher: (exit code, stdout, stderr)."""
     code = main(["estimate", *argv])
     captured = capsys.readouterr()
@@ -187,19 +187,19 @@ def write_yaml(path, values):
 
 def test_cli_json_from_flags(model_dir, capsys):
     argv = ["--model", model_dir, "--max_length", "64", "--per_device_train_batch_size", "2"]
-    code, out, _ = run_cli([*argv, "--json"], capsys)
+    code, out, _ = estimate_cli([*argv, "--json"], capsys)
     data = json.loads(out)
     assert code == 0
     assert data["settings"]["batch_size"] == 2 and data["peak_bytes"] > data["memory"]["weights"]
     assert any(f["name"] == "optimizer.pt" for f in data["checkpoint_files"])
     # The older dashed spellings give the same run.
     old = ["--model", model_dir, "--max-length", "64", "--batch-size", "2", "--json"]
-    code, out, _ = run_cli(old, capsys)
+    code, out, _ = estimate_cli(old, capsys)
     assert code == 0 and json.loads(out) == data
 
 
 def test_cli_older_spellings(tmp_path, model_dir, capsys):
-    code, out, _ = run_cli(
+    code, out, _ = estimate_cli(
         [
             *("--model", model_dir, "--max-length", "64", "--batch-size", "2"),
             *(
@@ -221,9 +221,9 @@ def test_cli_older_spellings(tmp_path, model_dir, capsys):
     assert settings["gradient_checkpointing"] and settings["every_n_layers"] == 2
     cfg = write_yaml(tmp_path / "lora.yaml", {"model": model_dir, "use_peft": True, "lora_r": 8})
     # --lora-r 0: no LoRA, the full model trains; comma-separated target modules.
-    code, out, _ = run_cli([cfg, "--lora-r", "0", "--json"], capsys)
+    code, out, _ = estimate_cli([cfg, "--lora-r", "0", "--json"], capsys)
     assert code == 0 and json.loads(out)["settings"]["lora_r"] is None
-    code, out, _ = run_cli([cfg, "--lora-target-modules", "q_proj,v_proj", "--json"], capsys)
+    code, out, _ = estimate_cli([cfg, "--lora-target-modules", "q_proj,v_proj", "--json"], capsys)
     settings = json.loads(out)["settings"]
     assert settings["lora_r"] == 8 and settings["lora_target_modules"] == ["q_proj", "v_proj"]
 
@@ -240,15 +240,15 @@ def test_cli_reads_the_train_yaml_and_fits(tmp_path, model_dir, capsys):
             "optim": "adamw_torch",
         },
     )
-    code, out, _ = run_cli([cfg, "--memory", "8GiB", "--effective_batch_size", "4"], capsys)
+    code, out, _ = estimate_cli([cfg, "--memory", "8GiB", "--effective_batch_size", "4"], capsys)
     assert code == 0
     assert "fit: per_device_train_batch_size=4 gradient_accumulation_steps=1" in out
     assert "optimizer.pt" in out and "because" in out
     # A number on the command line overrides the file's auto: no fit.
-    code, out, _ = run_cli([cfg, "--per_device_train_batch_size", "3", "--json"], capsys)
+    code, out, _ = estimate_cli([cfg, "--per_device_train_batch_size", "3", "--json"], capsys)
     assert code == 0 and json.loads(out)["settings"]["batch_size"] == 3
     cfg = write_yaml(tmp_path / "lora.yaml", {"model": model_dir, "use_peft": True, "lora_r": 8})
-    code, out, _ = run_cli(["--config", cfg, "--json"], capsys)
+    code, out, _ = estimate_cli(["--config", cfg, "--json"], capsys)
     data = json.loads(out)
     assert (
         data["settings"]["lora_r"] == 8 and data["settings"]["lora_target_modules"] == "all-linear"
@@ -262,10 +262,10 @@ def test_cli_reads_the_train_yaml_and_fits(tmp_path, model_dir, capsys):
             "activation_checkpointing_kwargs": {"every_n_layers": 2},
         },
     )
-    code, out, _ = run_cli([cfg, "--json"], capsys)
+    code, out, _ = estimate_cli([cfg, "--json"], capsys)
     assert json.loads(out)["settings"]["every_n_layers"] == 2
     cfg = write_yaml(tmp_path / "typo.yaml", {"model": model_dir, "max_lenght": 8})
-    code, out, err = run_cli([cfg], capsys)
+    code, out, err = estimate_cli([cfg], capsys)
     assert code == 2 and "did you mean 'max_length'" in err and len(err.splitlines()) == 1
 
 
@@ -278,14 +278,14 @@ def test_cli_batch_auto_as_a_flag_checkpoints_only_when_it_must(tokenizer, tmp_p
     budget = str((plain.peak_bytes + gc.peak_bytes) // 2)  # fits only with checkpointing
     argv = ["--model", model_dir, "--max_length", "512", "--memory", budget]
     fit = [*argv, "--per_device_train_batch_size", "auto", "--effective_batch_size", "2"]
-    code, out, _ = run_cli([*fit, "--json"], capsys)
+    code, out, _ = estimate_cli([*fit, "--json"], capsys)
     result = json.loads(out)
     assert code == 0 and result["gradient_checkpointing"] and result["batch_size"] >= 1
     # --no-gradient-checkpointing (the older flag) keeps it off, so nothing fits.
-    code, _, err = run_cli([*fit, "--no-gradient-checkpointing"], capsys)
+    code, _, err = estimate_cli([*fit, "--no-gradient-checkpointing"], capsys)
     assert code == 2 and "even micro-batch 1 needs" in err
     # Without auto, --memory only says whether the configured batch fits.
-    code, out, _ = run_cli([*argv, "--per_device_train_batch_size", "1"], capsys)
+    code, out, _ = estimate_cli([*argv, "--per_device_train_batch_size", "1"], capsys)
     assert code == 0 and "does NOT fit" in out
 
 
@@ -295,7 +295,7 @@ def test_cli_bf16_config_runs_on_a_cpu_machine(tmp_path, model_dir, capsys):
         tmp_path / "gpu.yaml",
         {"model_name_or_path": model_dir, "dataset_name": "unused.jsonl", "bf16": True},
     )
-    code, out, err = run_cli([cfg, "--max_length", "64", "--device", "cuda", "--json"], capsys)
+    code, out, err = estimate_cli([cfg, "--max_length", "64", "--device", "cuda", "--json"], capsys)
     assert code == 0, err
     settings = json.loads(out)["settings"]
     assert settings["mixed_precision"] == "bf16" and settings["device"] == "cuda"
@@ -314,7 +314,7 @@ def test_cli_bf16_config_runs_on_a_cpu_machine(tmp_path, model_dir, capsys):
     ],
 )
 def test_cli_bad_values_are_one_line_and_exit_2(model_dir, capsys, argv, words):
-    code, out, err = run_cli(["--model", model_dir, *argv], capsys)
+    code, out, err = estimate_cli(["--model", model_dir, *argv], capsys)
     assert code == 2 and out == ""
     assert len(err.splitlines()) == 1 and words in err, err
 
@@ -350,7 +350,7 @@ def test_estimate_and_train_read_the_same_config(tmp_path, model_dir, capsys):
     sft = next(v for v in parsed.values if isinstance(v, SFTConfig))
     model_args = next(v for v in parsed.values if isinstance(v, ModelConfig))
     lora = peft_config(model_args)
-    code, out, err = run_cli([cfg, "--json"], capsys)
+    code, out, err = estimate_cli([cfg, "--json"], capsys)
     assert code == 0, err
     data = json.loads(out)
     settings = data["settings"]
