@@ -91,6 +91,17 @@ def offline_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test (pytestmark = pytest.mark.usefixtures("one_thread")): for tiny
+    models on a shared 2-core machine a second thread only adds spin-waiting (one training step
+    goes from ~5 ms to ~0.5 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_cli(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`chatsft ARGV` in a subprocess, offline: exit code, stdout and stderr as text."""
     return subprocess.run(

@@ -21,14 +21,7 @@ from chatsft.generation.generate import ReplyStreamer, generate
 
 USER = [{"role": "user", "content": "what is two plus three"}]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: a second thread only adds spin-waiting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recorder(io.StringIO):

@@ -28,15 +28,7 @@ from chatsft.generation.knobs import check_knobs
 
 USER = [{"role": "user", "content": "what is two plus three"}]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny: on a shared 2-core machine a second thread only adds spin-waiting
-    # (one training step goes from ~5 ms to ~0.5 s).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()
