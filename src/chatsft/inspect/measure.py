@@ -13,6 +13,7 @@ import bisect
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ import datasets
 
 from ..data.collate import IGNORE_INDEX, PaddedCollator
 from ..data.encode import Encoded, PrepOptions, encode, prep_options_of
-from ..data.formats import PromptCompletion, Text, Tokenized, detect_format, normalize
+from ..data.formats import Example, PromptCompletion, Text, Tokenized, detect_format, normalize
 from ..data.load import dataset_spec, datasets_named, load_data
 from ..data.packing import best_fit_decreasing
 from ..data.prepare import PrepStats, prepare_for_training
@@ -191,18 +192,10 @@ def count_roles(
     to PrepStats.trained_tokens)."""
     if not getattr(tokenizer, "is_fast", False):
         return {}, 0  # character offsets need a fast (Rust) tokenizer
-    fmt = detect_format(dataset.column_names, opts.dataset_text_field, opts.dataset_format)
     counts: dict[str, RoleCount] = {}
     sample = dataset.select(range(min(limit, len(dataset))))
-    for i, row in enumerate(sample):
-        example = normalize(
-            row,
-            fmt,
-            row_index=i + 1,
-            dataset_text_field=opts.dataset_text_field,
-            prompt_template=opts.prompt_template,
-        )
-        encoded, roles = attributed_tokens(example, tokenizer, opts, i + 1)
+    for row_number, example in _examples(sample, opts):
+        encoded, roles = attributed_tokens(example, tokenizer, opts, row_number)
         for a, b in encoded.pieces:
             # Nothing predicts a row's first token.
             trained = [False, *trained_of(encoded.labels[a + 1 : b])]
@@ -248,11 +241,9 @@ def _squash(value: Any) -> Any:
     return value
 
 
-def row_keys(dataset: datasets.Dataset, opts: PrepOptions) -> list[str]:
-    """A hash per row of its normalised example (format and extra columns ignored, whitespace
-    collapsed), so the same conversation in a train file and an eval file compares equal."""
+def _examples(dataset: datasets.Dataset, opts: PrepOptions) -> Iterator[tuple[int, Example]]:
+    """(1-based row number, normalised example) for every row, in order."""
     fmt = detect_format(dataset.column_names, opts.dataset_text_field, opts.dataset_format)
-    keys = []
     for i, row in enumerate(dataset):
         example = normalize(
             row,
@@ -261,6 +252,14 @@ def row_keys(dataset: datasets.Dataset, opts: PrepOptions) -> list[str]:
             dataset_text_field=opts.dataset_text_field,
             prompt_template=opts.prompt_template,
         )
+        yield i + 1, example
+
+
+def row_keys(dataset: datasets.Dataset, opts: PrepOptions) -> list[str]:
+    """A hash per row of its normalised example (format and extra columns ignored, whitespace
+    collapsed), so the same conversation in a train file and an eval file compares equal."""
+    keys = []
+    for _, example in _examples(dataset, opts):
         canonical = json.dumps(_squash(dataclasses.asdict(example)), sort_keys=True)
         keys.append(hashlib.sha1(canonical.encode("utf-8")).hexdigest())
     return keys
