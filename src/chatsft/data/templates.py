@@ -106,14 +106,17 @@ def _inline_generation(compiled: Any, template: str) -> Any:
 
 def _render_compiled(compiled: Any, variables: dict[str, Any]) -> str:
     """Template.render, given the template's globals already flat in `variables`: Template.render
-    copies its globals (a ChainMap) into every context, a third of a short chat's render time."""
-    if compiled.environment.is_async:
+    copies its globals (a ChainMap) into every context, a third of a short chat's render time.
+    The context is built directly: Template.new_context also lists the globals' names, which only
+    exporting the template as a module (`{% import %}` of it) reads."""
+    environment = compiled.environment
+    if environment.is_async:
         return compiled.render(**variables)
-    context = compiled.new_context(variables, shared=True)
+    context = environment.context_class(environment, variables, compiled.name, compiled.blocks)
     try:
-        return compiled.environment.concat(compiled.root_render_func(context))
+        return environment.concat(compiled.root_render_func(context))
     except Exception:
-        compiled.environment.handle_exception()  # re-raises with the template's line numbers
+        environment.handle_exception()  # re-raises with the template's line numbers
         raise
 
 
