@@ -15,7 +15,9 @@ How memory is measured (each config in a fresh subprocess):
   so a freed tensor goes back to the OS at once and RSS follows the live tensors, like
   torch.cuda.max_memory_allocated does on a GPU (without it, glibc keeps freed blocks and RSS
   only ever grows);
-- the model and trainer are built first; then the kernel's RSS high-water mark is reset
+- the model and trainer are built first and every weight is written once in place (a model loaded
+  from safetensors is mapped from its file and would otherwise become resident during the first
+  step, counted twice below); then the kernel's RSS high-water mark is reset
   (/proc/self/clear_refs) and the run trains 2 optimizer steps (the second has optimizer state
   during forward and backward); the high-water mark is read at the end of the last step, before
   any checkpoint is written;
@@ -178,6 +180,12 @@ def child(name: str) -> dict:
         )
         weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
         weights += sum(b.numel() * b.element_size() for b in trainer.model.buffers())
+        # Weights loaded from safetensors are mapped from the file and become resident only when
+        # first touched (the first forward reads them, the first optimizer step writes them):
+        # written once here, so the growth measured below is what training adds.
+        with torch.no_grad():
+            for tensor in [*trainer.model.parameters(), *trainer.model.buffers()]:
+                tensor.mul_(1)
         import gc
 
         gc.collect()
