@@ -15,6 +15,7 @@ accumulated straight into fp32 by the matmul); on a CPU, exp (computed once per 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 _ADDMM_FP32_OUT: dict[torch.device, bool] = {}
 
@@ -104,7 +105,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             h = hidden[start : start + chunk_size].to(matmul_dtype)
             t = target[start : start + chunk_size, None]
-            logits = h @ w.T if b is None else torch.addmm(b, h, w.T)
+            logits = F.linear(h, w, b)  # oneDNN on CPUs where the trainer routes it there
             chunk_loss, chunk_correct, probs = _chunk_loss(logits, t, need_grad, fused, dft)
             loss += chunk_loss
             correct += chunk_correct

@@ -20,6 +20,7 @@ from ..data.collate import PaddedCollator, PaddingFreeCollator
 from ..data.encode import PrepOptions, prep_options_of
 from ..errors import ChatSFTError
 from ..generation.callback import generation_eval_callback_from_config
+from ..model import cpu_linear
 from ..model.attention import (
     isolates_without_dense_mask,
     shared_rows_refusal,
@@ -223,6 +224,15 @@ def compile_layers(args: SFTConfig, model: torch.nn.Module) -> str | None:
     if not args.torch_compile or args.fsdp or args.deepspeed:
         return None
     return compile_decoder_layers(model, args.torch_compile_backend, args.torch_compile_mode)
+
+
+def cpu_linears(args: SFTConfig, model: torch.nn.Module, compiled: bool) -> tuple[bool, str | None]:
+    """Whether fp32 linear layers train through oneDNN (model/cpu_linear.py), and the log line.
+    Sharded weights (FSDP, DeepSpeed) keep PyTorch's path."""
+    if args.fsdp or args.deepspeed:
+        return False, None
+    device_type, dtype = activation_kind(args, model)
+    return cpu_linear.choose(device_type, dtype, compiled, args.gradient_checkpointing)
 
 
 def forward_keys(model: torch.nn.Module) -> set[str] | None:

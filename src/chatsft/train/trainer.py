@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import pickle
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from ..config import SFTConfig
 from ..data.collate import PaddingFreeCollator
 from ..log import logger, set_verbosity
 from ..model.attention import use_document_attention
+from ..model.cpu_linear import OneDNNLinears
 from ..model.loss import supervised_loss
 from ..model.moe import router_aux_coef, router_loss
 from . import checkpoints
@@ -25,6 +27,7 @@ from .build import (
     check_text_only,
     check_train_dataset,
     compile_layers,
+    cpu_linears,
     default_collator,
     forward_keys,
     load_for_training,
@@ -103,6 +106,9 @@ class SFTTrainer(Trainer):
                 say(use_document_attention(model, *activation_kind(args, model)))
         line = compile_layers(args, model)  # None: accelerate compiles the model, if asked
         self._compiled_layers = line is not None
+        say(line)
+        onednn, line = cpu_linears(args, model, self._compiled_layers)
+        self._linears = OneDNNLinears if onednn else contextlib.nullcontext
         say(line)
         super().__init__(
             model=model,
@@ -214,7 +220,8 @@ class SFTTrainer(Trainer):
         return self.accelerator.scaler is None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        with self._linears():  # forward and backward (and any checkpointed recomputation)
+            loss = super().training_step(model, inputs, num_items_in_batch)
         return zero_if_nonfinite(loss) if self._guards_nonfinite() else loss
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -246,7 +253,8 @@ class SFTTrainer(Trainer):
         # Our outputs hold logits for trained positions only; without compute_metrics there is
         # nothing to gather, so skip collecting them.
         only_loss = prediction_loss_only or self.compute_metrics is None
-        return super().prediction_step(model, inputs, only_loss, ignore_keys)
+        with self._linears():
+            return super().prediction_step(model, inputs, only_loss, ignore_keys)
 
     @property
     def num_trained_tokens(self) -> int:
