@@ -25,6 +25,7 @@ the same tokens as SmolLM2's template for these chats, assistant turns trained i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import importlib.util
@@ -141,6 +142,10 @@ ENV: dict[str, dict[str, str]] = {}
 for _name in ("chatsft-packing", "chatsft-packing-compile", "trl-packing-nogc"):
     CONFIGS[f"{_name}-expandable"] = CONFIGS[_name]
     ENV[f"{_name}-expandable"] = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+# chatsft's defaults with PyTorch's own CPU matmul (MKL) instead of oneDNN for fp32 linear layers
+# (model/cpu_linear.py): how much of the CPU speed that choice gives.
+CONFIGS["chatsft-default-aten"] = CONFIGS["chatsft-default"]
+ENV["chatsft-default-aten"] = {"CHATSFT_CPU_MATMUL": "aten"}
 
 
 @dataclass(frozen=True)
@@ -431,6 +436,8 @@ def settings_in_effect(trainer: Any, framework: str) -> dict[str, Any]:
     import torch
 
     out["torch_threads"] = torch.get_num_threads()
+    if framework == "chatsft":  # which matmul its fp32 linear layers used (model/cpu_linear.py)
+        out["cpu_matmul"] = "onednn" if trainer._linears is not contextlib.nullcontext else "aten"
     return out
 
 
