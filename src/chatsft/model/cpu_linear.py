@@ -4,7 +4,7 @@ PyTorch computes an fp32 `F.linear` on a CPU with MKL's sgemm. On AMD processors
 its best kernels: measured on a 2-core AMD EPYC (AVX-512), `x @ W.T` for SmolLM2's layer shapes
 ran at 110–190 GFLOP/s through MKL and 180–210 through oneDNN (the library PyTorch already ships
 for its bf16 and quantized CPU kernels), and a whole decoder layer's forward and backward took
-4–8% less time (docs/benchmarks.md, "oneDNN linear layers"). The arithmetic is the same fp32 matrix
+4–6% less time (docs/benchmarks.md, "oneDNN linear layers"). The arithmetic is the same fp32 matrix
 product (no reduced-precision mode); results differ from MKL's by summation order only.
 
 `OneDNNLinears` is a `TorchFunctionMode`: while active (the trainer enters it around each training
@@ -45,17 +45,23 @@ def _onednn(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return _pointwise(x2d, weight, bias, "none", [], "")
 
 
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear` through oneDNN for an input of any leading shape."""
+    return _onednn(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
-        x2d = x.reshape(-1, x.shape[-1])
         # Only what the wanted gradients need, as aten's own linear does: a frozen weight (LoRA's
         # base layers) must not keep its input alive (+620 MiB on SmolLM2 at batch 4 × 512).
         need_x, need_w = ctx.needs_input_grad[:2]
-        ctx.save_for_backward(x2d if need_w else None, weight if need_x else None)
+        ctx.save_for_backward(
+            x.reshape(-1, x.shape[-1]) if need_w else None, weight if need_x else None
+        )
         ctx.x_shape = x.shape
         ctx.has_bias = bias is not None
-        return _onednn(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return _forward(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -97,8 +103,7 @@ def onednn_linear(
         t is not None and t.requires_grad for t in (x, weight, bias)
     ):
         return _OneDNNLinear.apply(x, weight, bias)
-    x2d = x.reshape(-1, x.shape[-1])
-    return _onednn(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return _forward(x, weight, bias)
 
 
 class OneDNNLinears(TorchFunctionMode):

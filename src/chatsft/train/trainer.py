@@ -220,7 +220,7 @@ class SFTTrainer(Trainer):
         return self.accelerator.scaler is None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        with self._linears():  # forward and backward (and any checkpointed recomputation)
+        with self._linears():  # the forward; checkpointed layers keep PyTorch's path (cpu_linear)
             loss = super().training_step(model, inputs, num_items_in_batch)
         return zero_if_nonfinite(loss) if self._guards_nonfinite() else loss
 
